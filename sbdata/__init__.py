@@ -1,0 +1,35 @@
+"""sbdata: Selective Backprop as a data-pipeline component.
+
+``SelectiveBatchLoader`` wraps a PyTorch ``DataLoader``, an FFCV ``Loader`` or any re-iterable
+of batches, scores each batch with a model, keeps the examples with the highest loss and
+re-packs them into full-size batches, so the training loop stays as it is.
+"""
+
+from .cache import LossCache as LossCache
+from .loader import SelectiveBatchLoader as SelectiveBatchLoader
+from .policies import (
+    InfoBatchPolicy as InfoBatchPolicy,
+    RandomPolicy as RandomPolicy,
+    RankPolicy as RankPolicy,
+    SelectionPolicy as SelectionPolicy,
+    ThresholdPolicy as ThresholdPolicy,
+    TopKPolicy as TopKPolicy,
+)
+from .stats import EpochStats as EpochStats, LoaderStats as LoaderStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EpochStats",
+    "InfoBatchPolicy",
+    "LoaderStats",
+    "LossCache",
+    "RandomPolicy",
+    "RankPolicy",
+    "SelectionPolicy",
+    "SelectiveBatchLoader",
+    "ThresholdPolicy",
+    "TopKPolicy",
+]
+if __all__ != sorted(__all__):
+    raise AssertionError("__all__ is not sorted")

@@ -1,0 +1,492 @@
+"""``SelectiveBatchLoader``: a loader wrapper that yields fixed-size batches of high-loss examples.
+
+The class is a thin stateful shell around pure pieces: :mod:`~sbdata.policies` decide which
+rows to keep, :mod:`~sbdata.schedule` decides when, :mod:`~sbdata.scoring` measures losses,
+:mod:`~sbdata.repack` builds the output batches, :mod:`~sbdata.cache` remembers losses for
+stale mode and :mod:`~sbdata.sources` adapts the wrapped loader.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .batches import Key, batch_length, get_field, to_device
+from .cache import LossCache
+from .policies import SelectionPolicy, make_policy
+from .repack import LAST_BATCH_MODES, Repacker, count_output_batches
+from .schedule import is_interrupt_batch, selection_active, training_progress
+from .scoring import LossFn, check_losses, per_example_loss, score_inputs
+from .sources import Source, make_source
+from .stats import EpochStats, LoaderStats
+
+__all__ = ["SelectiveBatchLoader"]
+
+ScoreFn = Callable[[nn.Module, Any], Tensor]
+
+PLAIN, FRESH, STALE = "plain", "fresh", "stale"
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a training fraction in [0, 1], got {name}={value!r}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class SelectiveBatchLoader:
+    """Wrap a loader so that it yields full-size batches of the examples with the highest loss.
+
+    Each source batch is scored by ``model`` (a forward pass without gradients), a policy keeps
+    about ``keep`` of its examples, favouring high losses, and the kept rows are re-packed into
+    batches of ``batch_size``. The training loop does not change::
+
+        for x, y in SelectiveBatchLoader(train_loader, model, keep=0.5):
+            loss = F.cross_entropy(model(x), y)
+            ...
+
+    Args:
+        loader: a ``torch.utils.data.DataLoader``, an FFCV ``Loader`` or any re-iterable of
+            batches. Batches are tensors, tuples, lists, dicts or nested mixes of them.
+        model: the scorer, usually the model being trained.
+        keep: fraction of examples kept while selection is active, in (0, 1].
+        loss_fn: ``(outputs, targets) -> losses[N]``; default cross-entropy. A loss module with a
+            ``reduction`` attribute, or a function with a ``reduction`` argument, is used with
+            ``reduction="none"``.
+        score_fn: ``(model, batch) -> losses[N]`` for batches that are not ``(inputs, targets)``.
+        policy: ``"rank"`` (default, Composer), ``"threshold"`` (the paper), ``"topk"``,
+            ``"random"`` (the control), or a :class:`~sbdata.policies.SelectionPolicy`.
+        batch_size: size of the yielded batches; default the source loader's ``batch_size``.
+        epochs: total training epochs; needed when ``start > 0`` or ``end < 1``.
+        start, end: selection is active while ``epoch / epochs`` is in ``[start, end)``.
+        interrupt: source batch ``i`` of an epoch passes through unchanged when
+            ``(i + 1) % interrupt == 0``; ``0`` never.
+        scale_factor: downsample inputs for the scoring pass only (``<= 1``).
+        stale: ``None`` scores every active epoch; ``n`` scores every n-th active epoch (the
+            first included) and selects from cached losses in between, loading only what it keeps.
+        input_key, target_key: where inputs and targets live in a batch (index, key or callable).
+        index_key: where example ids live in a batch, if it carries them.
+        device: scoring device; default the model's. Selected batches are yielded there.
+        last_batch: ``"yield"`` the epoch's partial last batch, ``"drop"`` it, or ``"carry"`` its
+            rows into the next epoch.
+        scoring_mode: ``"eval"`` (default) or ``"train"``; the model's mode and BatchNorm buffers
+            are restored either way.
+        autocast_dtype: run the scoring pass under ``torch.autocast`` with this dtype.
+        seed: seed of the loader's own ``torch.Generator``.
+
+    .. warning::
+        ``len(loader)`` is exact for the exact-count policies (``rank``, ``topk``, ``random``).
+        For ``threshold`` it is an upper bound the epoch never exceeds.
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        model: nn.Module,
+        keep: float = 0.5,
+        *,
+        loss_fn: LossFn | None = None,
+        score_fn: ScoreFn | None = None,
+        policy: str | SelectionPolicy = "rank",
+        batch_size: int | None = None,
+        epochs: int | None = None,
+        start: float = 0.0,
+        end: float = 1.0,
+        interrupt: int = 0,
+        scale_factor: float = 1.0,
+        stale: int | None = None,
+        input_key: Key = 0,
+        target_key: Key = 1,
+        index_key: Key | None = None,
+        device: torch.device | str | None = None,
+        last_batch: str = "yield",
+        scoring_mode: str = "eval",
+        autocast_dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> None:
+        _validate(keep, epochs, start, end, interrupt, scale_factor, stale, last_batch, scoring_mode, batch_size)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (the scorer), got {type(model).__name__}")
+        if score_fn is not None and not callable(score_fn):
+            raise TypeError(f"score_fn must be callable (model, batch) -> losses, got {score_fn!r}")
+        if score_fn is not None and scale_factor != 1.0:
+            raise ValueError(
+                f"scale_factor={scale_factor} only applies to the built-in scoring pass; with "
+                "score_fn, downsample inside score_fn and leave scale_factor=1.0"
+            )
+        self.keep = float(keep)
+        self.model = model
+        self.policy = make_policy(policy, self.keep)
+        self.epochs, self.start, self.end, self.interrupt = epochs, float(start), float(end), interrupt
+        self.scale_factor = float(scale_factor)
+        self.stale = stale
+        self.input_key, self.target_key, self.index_key = input_key, target_key, index_key
+        self.last_batch = last_batch
+        self.scoring_mode = scoring_mode
+        self.autocast_dtype = autocast_dtype
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self._loss_fn = per_example_loss(loss_fn) if score_fn is None else None
+        self._score_fn = score_fn
+        self._source: Source = make_source(loader, need_ids=stale is not None and index_key is None)
+        if stale is not None and index_key is None and not self._source.provides_ids:
+            raise ValueError(
+                f"stale={stale} needs example ids, and {type(loader).__name__} does not provide "
+                "them; return each example's index from the dataset and pass index_key= (e.g. "
+                "index_key=2 for (x, y, idx) batches), or wrap a plain map-style "
+                "torch.utils.data.DataLoader"
+            )
+        source_batch_size = self._source.batch_size()
+        if batch_size is None and source_batch_size is None:
+            raise ValueError(
+                f"batch_size is needed: {type(loader).__name__} has no batch_size attribute to copy; "
+                "pass batch_size=<size of the batches to yield>"
+            )
+        self.batch_size: int = batch_size if batch_size is not None else source_batch_size  # type: ignore[assignment]
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cache = LossCache(self._source.num_examples() or 0)
+        self.stats = LoaderStats()
+        self._repacker = Repacker(self.batch_size)
+        self._epoch = 0
+        self._last_ids: Tensor | None = None
+        self._last_recorded = True
+        #: per-example loss weights of the batch just yielded, for policies that reweight
+        #: (``InfoBatchPolicy``); ``None`` otherwise. Use ``(weights * losses).mean()``.
+        self.batch_weights: Tensor | None = None
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def loader(self) -> Any:
+        """The wrapped loader, as the user passed it."""
+        return getattr(self._source, "original", self._source.loader)
+
+    @property
+    def dataset(self) -> Any:
+        return getattr(self.loader, "dataset", None)
+
+    @property
+    def sampler(self) -> Any:
+        return getattr(self.loader, "sampler", None)
+
+    @property
+    def batch_sampler(self) -> Any:
+        return getattr(self.loader, "batch_sampler", None)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next (or current) ``iter()`` runs."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch the next ``iter()`` runs; forwarded to the source's sampler."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
+        self._epoch = epoch
+
+    def mode(self, epoch: int | None = None) -> str:
+        """``"plain"``, ``"fresh"`` or ``"stale"``: what ``epoch`` (default: the next) does."""
+        epoch = self._epoch if epoch is None else epoch
+        progress = training_progress(epoch, self.epochs)
+        if self.keep >= 1.0 or not selection_active(progress, self.start, self.end):
+            return PLAIN
+        if self.stale is None:
+            return FRESH
+        first_active = self._first_active_epoch()
+        return FRESH if (epoch - first_active) % self.stale == 0 else STALE
+
+    def __len__(self) -> int:
+        sizes = self._source.batch_sizes()
+        if sizes is None:
+            raise TypeError(
+                f"len() is unknown for a {type(self.loader).__name__} source until one epoch has "
+                "been iterated (its batch sizes are not known); wrap a torch DataLoader to get it upfront"
+            )
+        mode = self.mode()
+        if mode == PLAIN:
+            return len(sizes)
+        selective = [n for i, n in enumerate(sizes) if not is_interrupt_batch(i, self.interrupt)]
+        passed = len(sizes) - len(selective)
+        kept = [self.policy.count(n) for n in selective]
+        return passed + count_output_batches(kept, self.batch_size, self.last_batch, len(self._repacker))
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._run_epoch()
+
+    def record(self, losses: Tensor) -> None:
+        """Feed the per-example training losses of the batch just yielded into the loss cache.
+
+        Raises:
+            RuntimeError: no batch was yielded yet, or its example ids are unknown.
+            ValueError: ``losses`` is not one finite loss per example of that batch.
+        """
+        if self._last_ids is None:
+            raise RuntimeError(
+                "record() needs the example ids of the batch just yielded, and none are known: "
+                "call it after a batch was yielded, with stale=n or index_key= set so ids are tracked"
+            )
+        if self._last_recorded:
+            raise RuntimeError(
+                "record() was already called for the batch just yielded; call it once per batch"
+            )
+        ids = self._last_ids
+        losses = check_losses(losses, ids.numel(), source="record()", ids=ids)
+        self.cache.update(ids, losses, self._current_epoch)
+        self.stats.current.recorded += ids.numel()
+        self._last_recorded = True
+
+    # ------------------------------------------------------------------ epochs
+
+    def _first_active_epoch(self) -> int:
+        if not self.epochs:
+            return 0
+        for epoch in range(self.epochs):
+            if selection_active(training_progress(epoch, self.epochs), self.start, self.end):
+                return epoch
+        return 0
+
+    def _run_epoch(self) -> Iterator[Any]:
+        # Nothing happens until the first next(): a set_epoch() after iter() still counts.
+        epoch = self._current_epoch = self._epoch
+        mode = self.mode(epoch)
+        stats = self.stats.begin(epoch, mode)
+        self._source.set_epoch(epoch)
+        completed = False
+        try:
+            if mode == STALE and self._source.can_filter:
+                yield from self._stale_epoch(stats)
+            else:
+                yield from self._streamed_epoch(mode, stats)
+            yield from self._epoch_tail(stats)
+            completed = True
+        finally:
+            if not completed:
+                self._repacker.clear()  # an abandoned epoch leaves nothing behind
+            self.stats.end()
+            self._epoch = epoch + 1
+
+    def _streamed_epoch(self, mode: str, stats: EpochStats) -> Iterator[Any]:
+        sizes = []
+        with self._source.epoch() as batches:
+            for i, (batch, source_ids) in enumerate(batches):
+                n = batch_length(batch)
+                sizes.append(n)
+                stats.loaded += n
+                stats.source_batches += 1
+                ids = self._ids_of(batch, source_ids, n)
+                if mode == PLAIN or is_interrupt_batch(i, self.interrupt):
+                    yield from self._pass_through(batch, ids, n, stats)
+                    continue
+                batch = to_device(batch, self.device)
+                if mode == STALE:
+                    losses = self._cached_losses(ids)  # type: ignore[arg-type]
+                else:
+                    losses = self._score(batch, ids, n, stats)
+                rows = self.policy.select(losses, self.generator)
+                stats.selected += rows.numel()
+                yield from self._emit(batch, ids, rows, stats, self._weights(losses, rows, n))
+        if self._source.batch_sizes() is None:
+            self._source.observe_sizes(sizes)
+
+    def _stale_epoch(self, stats: EpochStats) -> Iterator[Any]:
+        """Select from cached losses first, then load only what was selected."""
+        plan, passes, weights = self._stale_plan(stats)
+        with self._source.load(plan) as batches:
+            for (batch, ids), passed, weight in zip(batches, passes, weights):
+                n = batch_length(batch)
+                stats.loaded += n
+                stats.source_batches += 1
+                if passed:
+                    yield from self._pass_through(batch, ids, n, stats)
+                    continue
+                batch = to_device(batch, self.device)
+                weight = None if weight is None else weight.to(self.device)
+                yield from self._emit(batch, ids, torch.arange(n), stats, weight)
+
+    def _stale_plan(self, stats: EpochStats) -> tuple[list[Tensor], list[bool], list[Tensor | None]]:
+        """Id batches to load this stale epoch, and which of them pass through unchanged.
+
+        Selected ids are cut into batches that exactly fill the re-pack buffer (the first one
+        tops up rows carried from the last epoch), so full batches need no copy.
+        """
+        plan: list[Tensor] = []
+        passes: list[bool] = []
+        plan_weights: list[Tensor | None] = []
+        weighs = callable(getattr(self.policy, "weigh", None))
+        queue = torch.empty(0, dtype=torch.long)
+        queued_weights = torch.empty(0)
+        need = self.batch_size - len(self._repacker)
+        candidates = self._source.candidates()
+        for i, ids in enumerate(candidates):
+            if is_interrupt_batch(i, self.interrupt):
+                plan.append(ids)
+                passes.append(True)
+                plan_weights.append(None)
+                continue
+            losses = self._cached_losses(ids)
+            rows = self.policy.select(losses, self.generator)
+            stats.selected += rows.numel()
+            queue = torch.cat([queue, ids[rows]])
+            if weighs:
+                queued_weights = torch.cat([queued_weights, self.policy.weigh(losses, rows).float()])  # type: ignore[attr-defined]
+            while queue.numel() >= need:
+                plan.append(queue[:need])
+                passes.append(False)
+                plan_weights.append(queued_weights[:need] if weighs else None)
+                queue, queued_weights, need = queue[need:], queued_weights[need:], self.batch_size
+        if queue.numel() and self.last_batch != "drop":
+            plan.append(queue)
+            passes.append(False)
+            plan_weights.append(queued_weights if weighs else None)
+        total = sum(c.numel() for c in candidates)
+        stats.loads_skipped = total - sum(p.numel() for p in plan)
+        return plan, passes, plan_weights
+
+    def _epoch_tail(self, stats: EpochStats) -> Iterator[Any]:
+        if self.last_batch == "yield":
+            tail = self._repacker.flush()
+            if tail is not None:
+                yield self._hand_out(tail, stats)
+        elif self.last_batch == "drop":
+            self._repacker.clear()
+
+    # ------------------------------------------------------------------ per batch
+
+    def _ids_of(self, batch: Any, source_ids: Tensor | None, n: int) -> Tensor | None:
+        if self.index_key is not None:
+            ids = torch.as_tensor(get_field(batch, self.index_key, argument="index_key"))
+            if ids.shape != (n,):
+                raise ValueError(
+                    f"index_key={self.index_key!r} must give one integer id per example, shape [{n}], "
+                    f"got shape {list(ids.shape)}"
+                )
+            return ids.cpu().long()
+        if source_ids is not None and source_ids.numel() != n:
+            raise RuntimeError(
+                f"the source drew {source_ids.numel()} ids for a batch of {n} examples; a custom "
+                "collate_fn must keep one row per drawn index (or return ids and pass index_key=)"
+            )
+        return source_ids
+
+    def _score(self, batch: Any, ids: Tensor | None, n: int, stats: EpochStats) -> Tensor:
+        began = time.perf_counter()
+        if self._score_fn is not None:
+            losses = self._score_fn(self.model, batch)
+            source = "score_fn"
+        else:
+            inputs = get_field(batch, self.input_key, argument="input_key")
+            targets = get_field(batch, self.target_key, argument="target_key")
+            losses = score_inputs(
+                self.model,
+                inputs,
+                targets,
+                self._loss_fn,  # type: ignore[arg-type]
+                scale_factor=self.scale_factor,
+                mode=self.scoring_mode,
+                autocast_dtype=self.autocast_dtype,
+            )
+            source = "loss_fn"
+        losses = check_losses(losses, n, source=source, ids=ids)
+        stats.scoring_seconds += time.perf_counter() - began
+        stats.scored += n
+        if self.stale is not None and ids is not None:
+            self.cache.update(ids, losses, self._current_epoch)
+        return losses
+
+    def _weights(self, losses: Tensor, rows: Tensor, n: int) -> Tensor | None:
+        """Per-example loss weights for the whole source batch, if the policy sets any."""
+        weigh = getattr(self.policy, "weigh", None)
+        if not callable(weigh):
+            return None
+        weights = torch.ones(n, dtype=torch.float32)
+        weights[rows] = weigh(losses, rows).float().cpu()
+        return weights.to(self.device)
+
+    def _cached_losses(self, ids: Tensor) -> Tensor:
+        """Cached losses of ``ids``; ids never measured rank above every measured one."""
+        losses, known = self.cache.lookup(ids)
+        if not bool(known.all()):
+            top = float(losses[known].max()) if bool(known.any()) else 0.0
+            losses[~known] = top + 1.0
+        return losses
+
+    def _emit(
+        self, batch: Any, ids: Tensor | None, rows: Tensor, stats: EpochStats, weights: Tensor | None = None
+    ) -> Iterator[Any]:
+        packed = {"batch": batch}
+        if ids is not None:
+            packed["ids"] = ids
+        if weights is not None:
+            packed["weights"] = weights
+        whole = rows.numel() == self.batch_size == batch_length(batch)
+        if whole and len(self._repacker) == 0 and bool((rows == torch.arange(rows.numel())).all()):
+            yield self._hand_out(packed, stats)  # already a full batch: no copy
+            return
+        for out in self._repacker.add(packed, rows):
+            yield self._hand_out(out, stats)
+
+    def _pass_through(self, batch: Any, ids: Tensor | None, n: int, stats: EpochStats) -> Iterator[Any]:
+        stats.passed_through += n
+        packed = {"batch": batch} if ids is None else {"batch": batch, "ids": ids}
+        yield self._hand_out(packed, stats)
+
+    def _hand_out(self, packed: dict[str, Any], stats: EpochStats) -> Any:
+        batch = packed["batch"]
+        self._last_ids = packed.get("ids")
+        self.batch_weights = packed.get("weights")
+        self._last_recorded = False
+        stats.yielded += batch_length(batch)
+        stats.batches += 1
+        return batch
+
+
+def _validate(
+    keep: float,
+    epochs: int | None,
+    start: float,
+    end: float,
+    interrupt: int,
+    scale_factor: float,
+    stale: int | None,
+    last_batch: str,
+    scoring_mode: str,
+    batch_size: int | None,
+) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got keep={keep!r}; keep=1 disables selection")
+    _check_fraction("start", start)
+    _check_fraction("end", end)
+    if epochs is None and (start > 0.0 or end < 1.0):
+        raise ValueError(
+            f"start={start} and end={end} are fractions of training, so epochs= is needed to "
+            "know where they fall; pass epochs=<total training epochs>"
+        )
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive int, got epochs={epochs!r}")
+    if start > end:
+        raise ValueError(f"start must be <= end, got start={start}, end={end}")
+    if not isinstance(interrupt, int) or interrupt < 0:
+        raise ValueError(f"interrupt must be an int >= 0 (0: never), got interrupt={interrupt!r}")
+    if interrupt == 1:
+        raise ValueError(
+            "interrupt=1 would pass every batch through and never select; use interrupt=0 "
+            "(never interrupt) or >= 2"
+        )
+    if not isinstance(scale_factor, (int, float)) or not 0.0 < scale_factor <= 1.0:
+        raise ValueError(f"scale_factor must be in (0, 1], got scale_factor={scale_factor!r}")
+    if stale is not None and (isinstance(stale, bool) or not isinstance(stale, int) or stale < 1):
+        raise ValueError(f"stale must be None or an int >= 1 (rescore every n epochs), got stale={stale!r}")
+    if last_batch not in LAST_BATCH_MODES:
+        raise ValueError(f"last_batch must be one of {LAST_BATCH_MODES}, got last_batch={last_batch!r}")
+    if scoring_mode not in ("eval", "train"):
+        raise ValueError(f"scoring_mode must be 'eval' or 'train', got scoring_mode={scoring_mode!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}")

@@ -1,0 +1,163 @@
+"""The scoring pass: per-example losses without gradients, leaving the model as it was.
+
+NOTE [ Scoring leaves the model untouched ]
+Scoring runs under ``torch.no_grad()``. In the default ``"eval"`` mode the model is switched
+to eval (BatchNorm uses its running statistics, dropout is off) and every module's own
+``training`` flag is restored afterwards. In ``"train"`` mode the forward pass sees batch
+statistics, and the BatchNorm running statistics it would update are saved before and
+copied back after, so the training run sees exactly the buffers it would have seen without
+scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "INTERPOLATION_MODES",
+    "LossFn",
+    "check_losses",
+    "downsample",
+    "per_example_loss",
+    "preserved_model_state",
+    "score_inputs",
+]
+
+LossFn = Callable[..., Tensor]
+INTERPOLATION_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+
+
+def per_example_loss(loss_fn: LossFn | None) -> LossFn:
+    """Return ``loss_fn`` arranged to give one loss per example.
+
+    ``None`` means cross-entropy. A loss module with a ``reduction`` attribute (``nn.CrossEntropyLoss()``)
+    is copied with ``reduction="none"``; a function taking a ``reduction`` argument is called
+    with ``reduction="none"``; anything else is called as it is and must already return [N].
+    """
+    if loss_fn is None:
+        return lambda outputs, targets: F.cross_entropy(outputs, targets, reduction="none")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (outputs, targets) -> losses, got {loss_fn!r}")
+    if isinstance(loss_fn, nn.Module) and isinstance(getattr(loss_fn, "reduction", None), str):
+        import copy
+
+        unreduced = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+        return unreduced
+    try:
+        takes_reduction = "reduction" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_reduction = False
+    if takes_reduction:
+        return lambda outputs, targets: loss_fn(outputs, targets, reduction="none")
+    return loss_fn
+
+
+def downsample(inputs: Tensor, scale_factor: float) -> Tensor:
+    """Shrink ``inputs`` for the scoring pass only: linear for 3-D, bilinear for 4-D, trilinear for 5-D."""
+    if scale_factor == 1.0:
+        return inputs
+    mode = INTERPOLATION_MODES.get(inputs.dim())
+    if mode is None:
+        raise ValueError(
+            f"scale_factor={scale_factor} needs 3-D, 4-D or 5-D inputs (N, C, ...), got inputs of "
+            f"shape {tuple(inputs.shape)}; use scale_factor=1.0 for other inputs"
+        )
+    return F.interpolate(
+        inputs.float() if not inputs.is_floating_point() else inputs,
+        scale_factor=scale_factor,
+        mode=mode,
+        align_corners=False,
+        recompute_scale_factor=False,
+    )
+
+
+def _norm_buffers(model: nn.Module) -> list[Tensor]:
+    return [
+        buf
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        for buf in module.buffers(recurse=False)
+    ]
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``model`` in ``mode`` ("eval" or "train") for scoring; afterwards restore every
+    module's training flag and every normalisation buffer exactly."""
+    flags = [(m, m.training) for m in model.modules()]
+    saved = [(buf, buf.clone()) for buf in _norm_buffers(model)] if mode == "train" else []
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def score_inputs(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    scale_factor: float = 1.0,
+    mode: str = "eval",
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Per-example losses of ``model`` on ``(inputs, targets)``, under ``no_grad``."""
+    device_type = inputs.device.type if isinstance(inputs, Tensor) else "cpu"
+    amp = (
+        torch.autocast(device_type=device_type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad(), preserved_model_state(model, mode), amp:
+        small = downsample(inputs, scale_factor) if isinstance(inputs, Tensor) else inputs
+        return loss_fn(model(small), targets)
+
+
+def check_losses(losses: Any, n: int, *, source: str, ids: Tensor | None = None) -> Tensor:
+    """Validate per-example losses: a tensor of shape ``[n]`` with finite values.
+
+    ``source`` names what produced them (``"loss_fn"``, ``"score_fn"``, ``"record()"``) so the
+    message points at the culprit.
+    """
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"{source} must return a tensor of per-example losses of shape [{n}], got "
+            f"{type(losses).__name__}"
+        )
+    if losses.shape != (n,):
+        hint = (
+            "it returned a scalar: use reduction='none'"
+            if losses.dim() == 0
+            else "reduce any extra dimensions per example (e.g. losses.mean(dim=1))"
+        )
+        raise ValueError(
+            f"{source} must return one loss per example, shape [{n}], got shape "
+            f"{list(losses.shape)}; {hint}"
+        )
+    bad = ~torch.isfinite(losses.detach())
+    if bool(bad.any()):
+        where = torch.nonzero(bad.cpu()).flatten()
+        named = (
+            f"example ids {ids.cpu()[where].tolist()[:10]}"
+            if ids is not None
+            else f"batch positions {where.tolist()[:10]}"
+        )
+        raise ValueError(
+            f"{source} returned {int(bad.sum())} non-finite (NaN or infinite) losses at {named}; "
+            "fix the model or data (a diverged model, a bad label) before selecting on them"
+        )
+    return losses.detach()
