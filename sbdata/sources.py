@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
+from .batches import batch_length
+
 __all__ = [
     "DataLoaderSource",
     "IterableSource",
@@ -120,6 +122,11 @@ def _dataloader_batch_sizes(loader: Any) -> list[int] | None:
 
 class IterableSource(Source):
     """Any re-iterable of batches (a list, a generator-producing class, airbench-style loaders)."""
+
+    def batch_sizes(self) -> list[int] | None:
+        if isinstance(self.loader, (list, tuple)):  # batches already in memory: just count
+            return [batch_length(batch) for batch in self.loader]
+        return super().batch_sizes()
 
 
 def _close_iterator(it: Any) -> None:

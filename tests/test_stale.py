@@ -1,0 +1,246 @@
+"""Stale mode: a per-example loss cache, and stale epochs that never load what they skip."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sbdata import LossCache, SelectiveBatchLoader
+
+N = 96
+
+
+class CountingDataset(Dataset):
+    """Example i is (x = [i, i], y = i % 3, i); every __getitem__ is counted, across workers too."""
+
+    def __init__(self, n: int = N) -> None:
+        self.n = n
+        self.loads = torch.zeros(n, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.loads[i] += 1
+        return torch.tensor([float(i), float(i)]), i % 3, i
+
+
+class CountingScorer(nn.Module):
+    """A 'model' whose outputs make the loss a known function of the id: loss(i) = hidden(i)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def id_loss(i: torch.Tensor) -> torch.Tensor:
+    """A scrambled but known loss per id, so high losses are not simply high ids."""
+    return ((i.double() * 37) % 101).float()
+
+
+def loss_from_x(outputs, targets):
+    return id_loss(outputs[:, 0].long())
+
+
+def make(loader, **kw):
+    scorer = CountingScorer()
+    kw.setdefault("keep", 0.5)
+    kw.setdefault("stale", 3)
+    kw.setdefault("loss_fn", loss_from_x)
+    kw.setdefault("policy", "topk")
+    return SelectiveBatchLoader(loader, scorer, **kw), scorer
+
+
+def run_epoch(sb):
+    ids = []
+    sizes = []
+    expected = len(sb)
+    for x, y, idx in sb:
+        assert torch.equal(x[:, 0].long(), idx), "rows and their ids must stay paired"
+        ids += idx.tolist()
+        sizes.append(len(idx))
+    assert len(sizes) == expected
+    return ids, sizes
+
+
+def test_rescoring_epochs_load_and_score_everything_stale_epochs_neither():
+    ds = CountingDataset()
+    sb, scorer = make(DataLoader(ds, batch_size=8, shuffle=True))
+    assert [sb.mode(e) for e in range(6)] == ["fresh", "stale", "stale", "fresh", "stale", "stale"]
+    for epoch in range(6):
+        ds.loads.zero_()
+        calls = scorer.calls
+        ids, sizes = run_epoch(sb)
+        stats = sb.stats.history[-1]
+        if epoch % 3 == 0:
+            assert int(ds.loads.sum()) == N and stats.scored == N
+            assert scorer.calls - calls == N // 8
+        else:
+            assert scorer.calls == calls, "the scorer must not run in a stale epoch"
+            assert int(ds.loads.sum()) <= 0.5 * N + 8
+            assert stats.scored == 0 and stats.loads_skipped == N - int(ds.loads.sum())
+        assert len(ids) == len(set(ids)) == N // 2, "each selected example once per epoch"
+        assert all(s == 8 for s in sizes)
+
+
+def test_stale_selection_follows_the_cached_losses():
+    ds = CountingDataset()
+    sb, _ = make(DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    run_epoch(sb)  # fresh: fills the cache
+    cached, known = sb.cache.lookup(torch.arange(N))
+    assert bool(known.all()) and torch.equal(cached, id_loss(torch.arange(N)))
+    ids, _ = run_epoch(sb)  # stale: topk of each sampler batch by cached loss
+    chosen = torch.tensor(ids)
+    assert id_loss(chosen).mean() > id_loss(torch.arange(N)).mean() + 15
+
+
+def test_stale_epochs_follow_the_users_sampler_order_and_batches():
+    ds = CountingDataset()
+    sampler_gen = torch.Generator().manual_seed(5)
+    loader = DataLoader(ds, batch_size=8, shuffle=True, generator=sampler_gen)
+    sb, _ = make(loader)
+    run_epoch(sb)
+    # Predict the stale epoch: the same sampler state draws the same order.
+    state = sampler_gen.get_state()
+    order = [torch.tensor(b) for b in loader.batch_sampler]
+    sampler_gen.set_state(state)
+    expected = []
+    for b in order:
+        top = torch.sort(torch.argsort(id_loss(b), descending=True, stable=True)[:4]).values
+        expected += b[top].tolist()
+    ids, _ = run_epoch(sb)
+    assert ids == expected
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_stale_mode_with_two_workers_keeps_ids_paired(persistent):
+    ds = CountingDataset()
+    loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, persistent_workers=persistent)
+    sb, scorer = make(loader)
+    for epoch in range(3):
+        ds.loads.zero_()
+        ids, sizes = run_epoch(sb)
+        assert len(ids) == len(set(ids)) == N // 2
+        if epoch == 0:
+            cached, _ = sb.cache.lookup(torch.arange(N))
+            assert torch.equal(cached, id_loss(torch.arange(N))), "losses stored under the wrong ids"
+        else:
+            assert int(ds.loads.sum()) <= 0.5 * N + 8
+    assert scorer.calls == N // 8
+
+
+def test_record_updates_the_cache_and_needs_no_scoring_after_the_first_epoch():
+    ds = CountingDataset()
+    sb, scorer = make(DataLoader(ds, batch_size=8, shuffle=True), stale=100)
+    for epoch in range(4):
+        for x, y, idx in sb:
+            sb.record(torch.full((len(idx),), 1000.0 + epoch))
+    assert scorer.calls == N // 8, "only the first epoch scores"
+    losses, _ = sb.cache.lookup(torch.arange(N))
+    assert (losses >= 1000).sum() > N // 2, "recorded training losses reach the cache"
+    assert sb.stats.history[-1].recorded == N // 2
+
+
+def test_record_rejects_bad_losses():
+    sb, _ = make(DataLoader(CountingDataset(), batch_size=8))
+    with pytest.raises(RuntimeError, match="record"):
+        sb.record(torch.zeros(8))
+    it = iter(sb)
+    x, y, idx = next(it)
+    with pytest.raises(ValueError, match=r"shape \[8\]"):
+        sb.record(torch.zeros(7))
+    with pytest.raises(ValueError, match="non-finite"):
+        sb.record(torch.tensor([float("nan")] + [0.0] * 7))
+    sb.record(torch.zeros(8))
+    with pytest.raises(RuntimeError, match="already"):
+        sb.record(torch.zeros(8))
+
+
+def test_a_loader_without_ids_is_refused_with_the_fix():
+    batches = [(torch.randn(4, 2), torch.randint(0, 2, (4,))) for _ in range(3)]
+    with pytest.raises(ValueError, match="index_key"):
+        SelectiveBatchLoader(batches, nn.Linear(2, 2), keep=0.5, stale=2, batch_size=4)
+
+
+def test_batches_that_carry_ids_skip_scoring_in_stale_epochs_even_when_loading_cannot_be_filtered():
+    ids = torch.randperm(40)
+    batches = [(ids[i : i + 8].float()[:, None].repeat(1, 2), ids[i : i + 8] % 3, ids[i : i + 8]) for i in range(0, 40, 8)]
+    sb, scorer = make(batches, index_key=2, batch_size=8)
+    run_epoch(sb)
+    assert scorer.calls == 5
+    got, _ = run_epoch(sb)
+    assert scorer.calls == 5, "stale epochs use the cache instead of scoring"
+    assert sb.stats.history[-1].loaded == 40 and sb.stats.history[-1].scored == 0
+    assert len(got) == 20
+
+
+def test_len_is_exact_in_stale_epochs_with_a_short_last_batch_and_interrupts():
+    ds = CountingDataset(n=90)
+    for last_batch in ("yield", "drop", "carry"):
+        sb, _ = make(DataLoader(ds, batch_size=8, shuffle=True), policy="rank", interrupt=3, last_batch=last_batch)
+        for _ in range(4):
+            expected = len(sb)
+            assert sum(1 for _ in sb) == expected
+
+
+def test_set_epoch_reaches_the_users_distributed_sampler():
+    ds = CountingDataset()
+    sampler = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=3)
+    sb, _ = make(DataLoader(ds, batch_size=8, sampler=sampler))
+    orders = []
+    for epoch in range(2):
+        sb.set_epoch(epoch + 5)
+        run_epoch(sb)
+        orders.append(sampler.epoch)
+    assert orders == [5, 6]
+
+
+def test_in_order_false_is_turned_back_on_with_a_warning():
+    loader = DataLoader(CountingDataset(), batch_size=8, num_workers=2, in_order=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sb, _ = make(loader)
+    assert any("in_order" in str(w.message) for w in caught)
+    assert sb._source.loader.in_order is True
+    run_epoch(sb)
+    cached, _ = sb.cache.lookup(torch.arange(N))
+    assert torch.equal(cached, id_loss(torch.arange(N)))
+
+
+def test_the_rebuilt_loader_keeps_the_users_arguments():
+    def collate(items):
+        xs, ys, ids = zip(*items)
+        return torch.stack(xs), torch.tensor(ys), torch.tensor(ids)
+
+    def init(worker_id):
+        torch.manual_seed(worker_id)
+
+    loader = DataLoader(
+        CountingDataset(), batch_size=8, num_workers=2, collate_fn=collate, worker_init_fn=init,
+        prefetch_factor=3, persistent_workers=True, timeout=30,
+    )
+    sb, _ = make(loader)
+    rebuilt = sb._source.loader
+    for name in ("num_workers", "collate_fn", "worker_init_fn", "prefetch_factor", "persistent_workers", "timeout"):
+        assert getattr(rebuilt, name) == getattr(loader, name), name
+    assert sb.loader is loader
+
+
+def test_loss_cache_uses_eight_bytes_per_example_and_grows_on_demand():
+    cache = LossCache(100)
+    assert cache.nbytes == 800
+    cache.update(torch.tensor([5000]), torch.tensor([2.5]), epoch=3)
+    losses, known = cache.lookup(torch.tensor([5000, 4999, 10**6]))
+    assert losses[0] == 2.5 and known.tolist() == [True, False, False]
+    assert cache.measured_epoch(torch.tensor([5000])).item() == 3
+    with pytest.raises(TypeError, match="integers"):
+        cache.update(torch.tensor([1.0]), torch.tensor([1.0]), epoch=0)
