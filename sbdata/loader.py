@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .batches import Key, batch_length, get_field, to_device
+from . import distributed as dist_utils
 from .cache import LossCache
 from .policies import SelectionPolicy, make_policy
 from .repack import LAST_BATCH_MODES, Repacker, count_output_batches
@@ -29,6 +30,7 @@ __all__ = ["SelectiveBatchLoader"]
 ScoreFn = Callable[[nn.Module, Any], Tensor]
 
 PLAIN, FRESH, STALE = "plain", "fresh", "stale"
+STATE_VERSION = 1
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -151,13 +153,17 @@ class SelectiveBatchLoader:
             )
         self.batch_size: int = batch_size if batch_size is not None else source_batch_size  # type: ignore[assignment]
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        # Each rank draws its own fresh-mode selections; stale plans use a per-epoch generator
+        # that is the same on every rank (see _stale_generator).
+        self.generator = torch.Generator().manual_seed(seed + 1_000_003 * dist_utils.rank())
         self.cache = LossCache(self._source.num_examples() or 0)
         self.stats = LoaderStats()
         self._repacker = Repacker(self.batch_size)
         self._epoch = 0
         self._last_ids: Tensor | None = None
         self._last_recorded = True
+        self._current_epoch = 0
+        self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
         #: per-example loss weights of the batch just yielded, for policies that reweight
         #: (``InfoBatchPolicy``); ``None`` otherwise. Use ``(weights * losses).mean()``.
         self.batch_weights: Tensor | None = None
@@ -191,6 +197,77 @@ class SelectiveBatchLoader:
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
         self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume at the next epoch boundary: plain Python and tensors,
+        readable with ``torch.load(..., weights_only=True)``.
+
+        Under ``torch.distributed`` this is a collective (call it on every rank, as Lightning and
+        Accelerate do); the cache is the same on every rank, and each rank's own part (its
+        generator, policy state and re-pack buffer) is gathered under ``"per_rank"`` so rank 0's
+        file is enough to resume every rank.
+
+        .. warning::
+            A state taken in the middle of an epoch resumes at the start of the next epoch;
+            the rest of the interrupted epoch is not replayed.
+        """
+        own = {
+            "generator": self.generator.get_state(),
+            "policy": self.policy.state_dict(),
+            "pending": self._repacker.pending(),
+        }
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "epoch": self._epoch,
+            "cache": self.cache.state_dict(),
+            "stats": self.stats.state_dict(),
+        }
+        if dist_utils.is_distributed():
+            gathered: list[Any] = [None] * dist_utils.world_size()
+            torch.distributed.all_gather_object(gathered, own)
+            state["per_rank"] = gathered
+        else:
+            state["per_rank"] = [own]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. Raises ``ValueError`` if it came from a different
+        configuration (keep, batch size, dataset size, world size, policy, stale)."""
+        if not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"state_dict has format version {state.get('version')!r}, this sbdata reads "
+                f"version {STATE_VERSION}; resume with the sbdata version that saved it"
+            )
+        mine = self._fingerprint()
+        for key, saved in state["fingerprint"].items():
+            if mine.get(key) != saved:
+                raise ValueError(
+                    f"state_dict was saved with {key}={saved!r} but this loader has {key}={mine.get(key)!r}; "
+                    f"resume with the same configuration (or start fresh without load_state_dict)"
+                )
+        own = state["per_rank"][dist_utils.rank()]
+        self._epoch = int(state["epoch"])
+        self.cache.load_state_dict(state["cache"])
+        self.stats.load_state_dict(state["stats"])
+        self.generator.set_state(own["generator"])
+        self.policy.load_state_dict(own["policy"])
+        self._repacker.clear()
+        if own["pending"] is not None:
+            pending = own["pending"]
+            self._repacker.add(pending, torch.arange(batch_length(pending["batch"])))
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "keep": self.keep,
+            "batch_size": self.batch_size,
+            "num_examples": self._source.num_examples(),
+            "world_size": dist_utils.world_size(),
+            "policy": type(self.policy).__name__,
+            "stale": self.stale,
+        }
 
     def mode(self, epoch: int | None = None) -> str:
         """``"plain"``, ``"fresh"`` or ``"stale"``: what ``epoch`` (default: the next) does."""
@@ -239,7 +316,7 @@ class SelectiveBatchLoader:
             )
         ids = self._last_ids
         losses = check_losses(losses, ids.numel(), source="record()", ids=ids)
-        self.cache.update(ids, losses, self._current_epoch)
+        self._cache_update(ids, losses)
         self.stats.current.recorded += ids.numel()
         self._last_recorded = True
 
@@ -261,17 +338,74 @@ class SelectiveBatchLoader:
         self._source.set_epoch(epoch)
         completed = False
         try:
-            if mode == STALE and self._source.can_filter:
-                yield from self._stale_epoch(stats)
-            else:
-                yield from self._streamed_epoch(mode, stats)
-            yield from self._epoch_tail(stats)
+            stream = self._epoch_stream(mode, stats)
+            if dist_utils.is_distributed():
+                stream = self._equal_counts(stream, stats)
+            yield from stream
+            self._sync_cache()
             completed = True
         finally:
             if not completed:
                 self._repacker.clear()  # an abandoned epoch leaves nothing behind
             self.stats.end()
             self._epoch = epoch + 1
+
+    def _epoch_stream(self, mode: str, stats: EpochStats) -> Iterator[Any]:
+        if mode == STALE and self._source.can_filter:
+            yield from self._stale_epoch(stats)
+        else:
+            yield from self._streamed_epoch(mode, stats)
+        yield from self._epoch_tail(stats)
+
+    def _equal_counts(self, stream: Iterator[Any], stats: EpochStats) -> Iterator[Any]:
+        """Yield the same number of batches on every rank (NOTE [ Equal batches on every rank ])."""
+        try:
+            local = len(self) if self.policy.exact or self.mode(stats.epoch) == PLAIN else -1
+        except TypeError:
+            local = -1
+        low = dist_utils.all_reduce_int(local, "min")
+        high = dist_utils.all_reduce_int(local, "max")
+        yielded = 0
+        try:
+            if low >= 0:  # every rank knows its count: stop all at the smallest
+                for batch in stream:
+                    if yielded == low:
+                        stats.dropped += batch_length(batch) + len(self._repacker)
+                        self._repacker.clear()
+                        return
+                    yielded += 1
+                    yield batch
+                return
+            for batch in stream:  # probabilistic counts: agree batch by batch
+                if dist_utils.all_reduce_int(1, "min") == 0:
+                    stats.dropped += batch_length(batch) + len(self._repacker)
+                    self._repacker.clear()
+                    return
+                yield batch
+            dist_utils.all_reduce_int(0, "min")  # tell the others this rank ran out
+        finally:
+            stream.close()  # type: ignore[attr-defined]
+
+    def _sync_cache(self) -> None:
+        """Send this epoch's cache updates to every rank and apply all of them in rank order."""
+        pending, self._pending = self._pending, []
+        if not dist_utils.is_distributed():
+            return
+        ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
+        losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
+        epochs = torch.cat([torch.full((p[0].numel(),), p[2], dtype=torch.int64) for p in pending]) if pending else torch.empty(0, dtype=torch.int64)
+        all_ids = dist_utils.all_gather_variable(ids.long())
+        all_losses = dist_utils.all_gather_variable(losses.float())
+        all_epochs = dist_utils.all_gather_variable(epochs)
+        for r_ids, r_losses, r_epochs in zip(all_ids, all_losses, all_epochs):
+            for epoch in torch.unique(r_epochs).tolist():
+                mask = r_epochs == epoch
+                self.cache.update(r_ids[mask], r_losses[mask], epoch)
+
+    def _cache_update(self, ids: Tensor, losses: Tensor) -> None:
+        self.cache.update(ids, losses, self._current_epoch)
+        if dist_utils.is_distributed():
+            self._pending.append((ids.cpu().long(), losses.detach().float().cpu(), self._current_epoch))
 
     def _streamed_epoch(self, mode: str, stats: EpochStats) -> Iterator[Any]:
         sizes = []
@@ -312,42 +446,101 @@ class SelectiveBatchLoader:
                 yield from self._emit(batch, ids, torch.arange(n), stats, weight)
 
     def _stale_plan(self, stats: EpochStats) -> tuple[list[Tensor], list[bool], list[Tensor | None]]:
-        """Id batches to load this stale epoch, and which of them pass through unchanged.
+        """Id batches to load this stale epoch, which of them pass through unchanged, and the
+        policy's per-example weights (if any).
 
-        Selected ids are cut into batches that exactly fill the re-pack buffer (the first one
-        tops up rows carried from the last epoch), so full batches need no copy.
+        Under ``torch.distributed`` every rank gathers all ranks' candidate batches, makes the
+        same global selection (same cache, same per-epoch generator, rank 0's policy state),
+        and takes an equal, disjoint share. Selected ids are cut into batches that exactly fill
+        the re-pack buffer (the first one tops up rows carried from the last epoch), so full
+        batches need no copy.
         """
+        local = self._source.candidates()
+        per_rank, generator = self._global_candidates(local)
+        world, me = len(per_rank), dist_utils.rank()
+        shares: list[list[tuple[int, Tensor, Tensor | None]]] = [[] for _ in range(world)]
+        for i in range(max(len(c) for c in per_rank)):
+            if is_interrupt_batch(i, self.interrupt):
+                continue
+            chosen, weights = [], []
+            for candidates in per_rank:
+                if i >= len(candidates):
+                    continue
+                ids = candidates[i]
+                losses = self._cached_losses(ids)
+                rows = self.policy.select(losses, generator)
+                chosen.append(ids[rows])
+                weights.append(self._stale_weights(losses, rows))
+            selected = torch.cat(chosen)
+            weight = torch.cat(weights) if weights[0] is not None else None  # type: ignore[arg-type]
+            stats.selected += selected.numel() // world
+            for r in range(world):  # rank r takes every world-th selected id of this batch
+                shares[r].append((i, selected[r::world], None if weight is None else weight[r::world]))
+        equal = min(sum(part.numel() for _, part, _ in share) for share in shares)
+        return self._cut_plan(local, shares[me], equal, stats)
+
+    def _global_candidates(self, local: list[Tensor]) -> tuple[list[list[Tensor]], torch.Generator]:
+        if not dist_utils.is_distributed():
+            return [local], self.generator
+        sizes = dist_utils.all_gather_variable(torch.tensor([c.numel() for c in local], dtype=torch.long))
+        flat = dist_utils.all_gather_variable(torch.cat(local) if local else torch.empty(0, dtype=torch.long))
+        per_rank = [list(torch.split(f, s.tolist())) for f, s in zip(flat, sizes)]
+        self._share_policy_state()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * self._current_epoch)
+        return per_rank, generator
+
+    def _share_policy_state(self) -> None:
+        """Give every rank rank 0's policy state, so a stateful policy decides alike everywhere."""
+        state = [self.policy.state_dict()]
+        torch.distributed.broadcast_object_list(state, src=0)
+        self.policy.load_state_dict(state[0])
+
+    def _stale_weights(self, losses: Tensor, rows: Tensor) -> Tensor | None:
+        weigh = getattr(self.policy, "weigh", None)
+        return weigh(losses, rows).float().cpu() if callable(weigh) else None
+
+    def _cut_plan(
+        self,
+        local: list[Tensor],
+        share: list[tuple[int, Tensor, Tensor | None]],
+        limit: int,
+        stats: EpochStats,
+    ) -> tuple[list[Tensor], list[bool], list[Tensor | None]]:
+        """Turn this rank's selected ids (at most ``limit`` of them) into id batches to load,
+        with the interrupt schedule's pass-through batches in their places."""
         plan: list[Tensor] = []
         passes: list[bool] = []
         plan_weights: list[Tensor | None] = []
-        weighs = callable(getattr(self.policy, "weigh", None))
+        by_batch = {i: (ids, w) for i, ids, w in share}
         queue = torch.empty(0, dtype=torch.long)
-        queued_weights = torch.empty(0)
+        queued_weights: Tensor | None = None
         need = self.batch_size - len(self._repacker)
-        candidates = self._source.candidates()
-        for i, ids in enumerate(candidates):
+        budget = limit
+        for i, candidates in enumerate(local):
             if is_interrupt_batch(i, self.interrupt):
-                plan.append(ids)
+                plan.append(candidates)
                 passes.append(True)
                 plan_weights.append(None)
                 continue
-            losses = self._cached_losses(ids)
-            rows = self.policy.select(losses, self.generator)
-            stats.selected += rows.numel()
-            queue = torch.cat([queue, ids[rows]])
-            if weighs:
-                queued_weights = torch.cat([queued_weights, self.policy.weigh(losses, rows).float()])  # type: ignore[attr-defined]
+            ids, weights = by_batch.get(i, (torch.empty(0, dtype=torch.long), None))
+            ids = ids[:budget]
+            budget -= ids.numel()
+            queue = torch.cat([queue, ids])
+            if weights is not None:
+                weights = weights[: ids.numel()]
+                queued_weights = weights if queued_weights is None else torch.cat([queued_weights, weights])
             while queue.numel() >= need:
                 plan.append(queue[:need])
                 passes.append(False)
-                plan_weights.append(queued_weights[:need] if weighs else None)
-                queue, queued_weights, need = queue[need:], queued_weights[need:], self.batch_size
+                plan_weights.append(None if queued_weights is None else queued_weights[:need])
+                queue = queue[need:]
+                queued_weights = None if queued_weights is None else queued_weights[need:]
+                need = self.batch_size
         if queue.numel() and self.last_batch != "drop":
             plan.append(queue)
             passes.append(False)
-            plan_weights.append(queued_weights if weighs else None)
-        total = sum(c.numel() for c in candidates)
-        stats.loads_skipped = total - sum(p.numel() for p in plan)
+            plan_weights.append(queued_weights)
+        stats.loads_skipped = sum(c.numel() for c in local) - sum(p.numel() for p in plan)
         return plan, passes, plan_weights
 
     def _epoch_tail(self, stats: EpochStats) -> Iterator[Any]:
@@ -398,7 +591,7 @@ class SelectiveBatchLoader:
         stats.scoring_seconds += time.perf_counter() - began
         stats.scored += n
         if self.stale is not None and ids is not None:
-            self.cache.update(ids, losses, self._current_epoch)
+            self._cache_update(ids, losses)
         return losses
 
     def _weights(self, losses: Tensor, rows: Tensor, n: int) -> Tensor | None:
@@ -427,7 +620,8 @@ class SelectiveBatchLoader:
         if weights is not None:
             packed["weights"] = weights
         whole = rows.numel() == self.batch_size == batch_length(batch)
-        if whole and len(self._repacker) == 0 and bool((rows == torch.arange(rows.numel())).all()):
+        recycled = getattr(self._source, "recycles_buffers", False)  # FFCV: batch is a view
+        if whole and not recycled and len(self._repacker) == 0 and bool((rows == torch.arange(rows.numel())).all()):
             yield self._hand_out(packed, stats)  # already a full batch: no copy
             return
         for out in self._repacker.add(packed, rows):
@@ -436,6 +630,8 @@ class SelectiveBatchLoader:
     def _pass_through(self, batch: Any, ids: Tensor | None, n: int, stats: EpochStats) -> Iterator[Any]:
         stats.passed_through += n
         packed = {"batch": batch} if ids is None else {"batch": batch, "ids": ids}
+        if getattr(self._source, "recycles_buffers", False):  # FFCV reuses its buffers: copy
+            packed = Repacker(n).add(packed, torch.arange(n))[0]
         yield self._hand_out(packed, stats)
 
     def _hand_out(self, packed: dict[str, Any], stats: EpochStats) -> Any:

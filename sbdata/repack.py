@@ -111,6 +111,16 @@ class Repacker:
             return None
         return self._finish(self._fill)
 
+    def pending(self) -> Any | None:
+        """A copy of the rows waiting in the buffer (``None`` if empty); the buffer is kept."""
+        if self._fill == 0:
+            return None
+        leaves = [
+            dest[: self._fill].clone() if isinstance(dest, Tensor) else _shrink(dest, self._fill, like)
+            for dest, like in zip(self._leaves, self._like)  # type: ignore[arg-type]
+        ]
+        return unflatten(self._spec, leaves)
+
     def clear(self) -> None:
         self._leaves, self._spec, self._like, self._fill = None, None, [], 0
 

@@ -16,6 +16,8 @@ class EpochStats:
     never loaded; ``scored``: examples the scorer saw; ``selected``: examples the policy kept;
     ``passed_through``: examples of source batches yielded unchanged (schedule or interrupt);
     ``yielded`` / ``batches``: examples and batches handed to the training loop;
+    ``recorded``: examples whose training loss came back through ``record()``;
+    ``dropped``: selected rows dropped so that every distributed rank yields as many batches;
     ``scoring_seconds``: wall-clock time inside the scoring pass.
     """
 
@@ -30,6 +32,7 @@ class EpochStats:
     batches: int = 0
     source_batches: int = 0
     recorded: int = 0
+    dropped: int = 0
     scoring_seconds: float = 0.0
 
     @property

@@ -1,0 +1,161 @@
+"""SelectiveBatchLoader under torch.distributed: 2 processes, gloo on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sbdata import SelectiveBatchLoader
+from sbdata.distributed import all_gather_variable, all_reduce_int
+
+from .distributed_helpers import run_on_two_ranks
+
+N = 96
+
+
+class IdDataset(Dataset):
+    """Example i is (x = [i, i], y = i % 3, i)."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i), float(i)]), i % 3, i
+
+
+class Echo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def id_loss(i: torch.Tensor) -> torch.Tensor:
+    return ((i.double() * 37) % 101).float()
+
+
+def loss_from_x(outputs, targets):
+    return id_loss(outputs[:, 0].long())
+
+
+def make(rank: int, world: int, **kw):
+    sampler = DistributedSampler(IdDataset(), num_replicas=world, rank=rank, shuffle=True, seed=4)
+    loader = DataLoader(IdDataset(), batch_size=8, sampler=sampler)
+    kw.setdefault("keep", 0.5)
+    return SelectiveBatchLoader(loader, Echo(), loss_fn=loss_from_x, **kw)
+
+
+def epochs_of(sb, count: int) -> list[dict]:
+    out = []
+    for _ in range(count):
+        expected = len(sb)
+        ids = [idx.tolist() for _, _, idx in sb]
+        out.append({"ids": ids, "len": expected, "mode": sb.stats.history[-1].mode})
+    return out
+
+
+def _counts_worker(policy: str, stale):
+    def work(rank: int, world: int):
+        torch.manual_seed(rank)  # ranks see different data anyway; make threshold draws differ too
+        sb = make(rank, world, policy=policy, stale=stale, seed=rank)
+        return epochs_of(sb, 3)
+
+    return work
+
+
+@pytest.mark.parametrize("policy", ["rank", "threshold"])
+@pytest.mark.parametrize("stale", [None, 2])
+def test_every_rank_yields_the_same_number_of_batches(policy, stale):
+    ranks = run_on_two_ranks(_counts_worker(policy, stale))
+    for e in range(3):
+        counts = [len(r[e]["ids"]) for r in ranks]
+        assert counts[0] == counts[1], f"epoch {e}: ranks yielded {counts} batches"
+        assert counts[0] > 0
+        if policy == "rank":
+            assert counts[0] == ranks[0][e]["len"] == ranks[1][e]["len"]
+        else:
+            assert counts[0] <= min(ranks[0][e]["len"], ranks[1][e]["len"])
+
+
+def _stale_worker(rank: int, world: int):
+    sb = make(rank, world, policy="rank", stale=3)
+    epochs = epochs_of(sb, 2)
+    loss, seen = sb.cache.lookup(torch.arange(N))
+    return {"epochs": epochs, "cache": loss, "known": seen, "stats": sb.stats.history[-1].as_dict()}
+
+
+def test_stale_epochs_split_one_global_selection_between_the_ranks():
+    r0, r1 = run_on_two_ranks(_stale_worker)
+    assert r0["epochs"][1]["mode"] == "stale"
+    a = [i for b in r0["epochs"][1]["ids"] for i in b]
+    b = [i for b in r1["epochs"][1]["ids"] for i in b]
+    assert not set(a) & set(b), "ranks must train on disjoint examples in a stale epoch"
+    assert len(a) == len(b) == N // 4
+    assert len(set(a) | set(b)) == N // 2, "together they cover keep * N"
+    chosen = id_loss(torch.tensor(a + b))
+    assert chosen.mean() > id_loss(torch.arange(N)).mean() + 10, "favours high cached losses"
+    assert r0["stats"]["scored"] == 0 and r1["stats"]["scored"] == 0
+
+
+def test_every_rank_ends_an_epoch_with_the_same_cache():
+    r0, r1 = run_on_two_ranks(_stale_worker)
+    assert bool(r0["known"].all()) and bool(r1["known"].all()), "losses scored on one rank reach the other"
+    assert torch.equal(r0["cache"], r1["cache"])
+    assert torch.equal(r0["cache"], id_loss(torch.arange(N)))
+
+
+def _record_worker(rank: int, world: int):
+    sb = make(rank, world, policy="topk", stale=100)
+    for _, _, idx in sb:  # epoch 0 scores
+        sb.record(torch.full((len(idx),), 500.0 + rank))
+    loss, _ = sb.cache.lookup(torch.arange(N))
+    return loss
+
+
+def test_recorded_losses_reach_every_rank():
+    c0, c1 = run_on_two_ranks(_record_worker)
+    assert torch.equal(c0, c1)
+    assert int((c0 == 500.0).sum()) == N // 4 and int((c0 == 501.0).sum()) == N // 4
+
+
+def _state_worker(rank: int, world: int):
+    sb = make(rank, world, policy="threshold", stale=2)
+    epochs_of(sb, 1)
+    state = sb.state_dict()
+    fresh = make(rank, world, policy="threshold", stale=2)
+    fresh.load_state_dict(state)
+    return {
+        "per_rank": len(state["per_rank"]),
+        "same_generator": torch.equal(fresh.generator.get_state(), sb.generator.get_state()),
+        "world_size": state["fingerprint"]["world_size"],
+        "next": epochs_of(fresh, 1)[0]["ids"] == epochs_of(sb, 1)[0]["ids"],
+    }
+
+
+def test_state_dict_holds_every_ranks_part():
+    for r in run_on_two_ranks(_state_worker):
+        assert r == {"per_rank": 2, "same_generator": True, "world_size": 2, "next": True}
+
+
+def _collectives_worker(rank: int, world: int):
+    ids = torch.arange(rank * 10, rank * 10 + 3 + rank, dtype=torch.int64) + 2**40
+    return {
+        "min": all_reduce_int(rank + 5, "min"),
+        "sum": all_reduce_int(rank + 5, "sum"),
+        "gathered": all_gather_variable(ids),
+    }
+
+
+def test_gathered_ids_stay_exact_64_bit_integers():
+    r0, r1 = run_on_two_ranks(_collectives_worker)
+    assert r0["min"] == 5 and r0["sum"] == 11
+    g = r1["gathered"]
+    assert [t.dtype for t in g] == [torch.int64, torch.int64]
+    assert g[0].tolist() == [2**40, 2**40 + 1, 2**40 + 2]
+    assert g[1].tolist() == [2**40 + 10 + k for k in range(4)]
