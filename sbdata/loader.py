@@ -137,7 +137,7 @@ class SelectiveBatchLoader:
         self.device = torch.device(device) if device is not None else _model_device(model)
         self._loss_fn = per_example_loss(loss_fn) if score_fn is None else None
         self._score_fn = score_fn
-        self._source: Source = make_source(loader, need_ids=stale is not None and index_key is None)
+        self._source: Source = make_source(loader, need_ids=stale is not None)
         if stale is not None and index_key is None and not self._source.provides_ids:
             raise ValueError(
                 f"stale={stale} needs example ids, and {type(loader).__name__} does not provide "
@@ -393,7 +393,7 @@ class SelectiveBatchLoader:
             return
         ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
         losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
-        epochs = torch.cat([torch.full((p[0].numel(),), p[2], dtype=torch.int64) for p in pending]) if pending else torch.empty(0, dtype=torch.int64)
+        epochs = torch.cat([torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]) if pending else torch.empty(0, dtype=torch.int32)
         all_ids = dist_utils.all_gather_variable(ids.long())
         all_losses = dist_utils.all_gather_variable(losses.float())
         all_epochs = dist_utils.all_gather_variable(epochs)
