@@ -8,6 +8,7 @@ stale mode and :mod:`~sbdata.sources` adapts the wrapped loader.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,11 +22,13 @@ from .cache import LossCache
 from .policies import SelectionPolicy, make_policy
 from .repack import LAST_BATCH_MODES, Repacker, count_output_batches
 from .schedule import is_interrupt_batch, selection_active, training_progress
-from .scoring import LossFn, check_losses, per_example_loss, score_inputs
+from .scoring import NONFINITE_MODES, LossFn, check_losses, per_example_loss, score_inputs
 from .sources import Source, make_source
-from .stats import EpochStats, LoaderStats
+from .stats import EpochStats, LoaderStats, SelectionLog
 
 __all__ = ["SelectiveBatchLoader"]
+
+logger = logging.getLogger("sbdata")
 
 ScoreFn = Callable[[nn.Module, Any], Tensor]
 
@@ -82,6 +85,8 @@ class SelectiveBatchLoader:
         scoring_mode: ``"eval"`` (default) or ``"train"``; the model's mode and BatchNorm buffers
             are restored either way.
         autocast_dtype: run the scoring pass under ``torch.autocast`` with this dtype.
+        nonfinite: ``"raise"`` (default) on NaN or infinite losses, naming the example ids; or the
+            explicit opt-in ``"lowest"`` / ``"highest"`` to rank them below or above every finite loss.
         seed: seed of the loader's own ``torch.Generator``.
 
     .. warning::
@@ -112,9 +117,13 @@ class SelectiveBatchLoader:
         last_batch: str = "yield",
         scoring_mode: str = "eval",
         autocast_dtype: torch.dtype | None = None,
+        nonfinite: str = "raise",
         seed: int = 0,
     ) -> None:
         _validate(keep, epochs, start, end, interrupt, scale_factor, stale, last_batch, scoring_mode, batch_size)
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got nonfinite={nonfinite!r}")
+        self.nonfinite = nonfinite
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (the scorer), got {type(model).__name__}")
         if score_fn is not None and not callable(score_fn):
@@ -158,6 +167,9 @@ class SelectiveBatchLoader:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003 * dist_utils.rank())
         self.cache = LossCache(self._source.num_examples() or 0)
         self.stats = LoaderStats()
+        #: samples of losses selected and skipped, and per-example selection counts, for
+        #: :func:`sbdata.plot.selection_report`
+        self.selection_log = SelectionLog(seed=seed)
         self._repacker = Repacker(self.batch_size)
         self._epoch = 0
         self._last_ids: Tensor | None = None
@@ -222,6 +234,7 @@ class SelectiveBatchLoader:
             "epoch": self._epoch,
             "cache": self.cache.state_dict(),
             "stats": self.stats.state_dict(),
+            "selection_log": self.selection_log.state_dict(),
         }
         if dist_utils.is_distributed():
             gathered: list[Any] = [None] * dist_utils.world_size()
@@ -252,6 +265,7 @@ class SelectiveBatchLoader:
         self._epoch = int(state["epoch"])
         self.cache.load_state_dict(state["cache"])
         self.stats.load_state_dict(state["stats"])
+        self.selection_log.load_state_dict(state["selection_log"])
         self.generator.set_state(own["generator"])
         self.policy.load_state_dict(own["policy"])
         self._repacker.clear()
@@ -315,7 +329,7 @@ class SelectiveBatchLoader:
                 "record() was already called for the batch just yielded; call it once per batch"
             )
         ids = self._last_ids
-        losses = check_losses(losses, ids.numel(), source="record()", ids=ids)
+        losses = check_losses(losses, ids.numel(), source="record()", ids=ids, nonfinite=self.nonfinite)
         self._cache_update(ids, losses)
         self.stats.current.recorded += ids.numel()
         self._last_recorded = True
@@ -348,6 +362,7 @@ class SelectiveBatchLoader:
             if not completed:
                 self._repacker.clear()  # an abandoned epoch leaves nothing behind
             self.stats.end()
+            _log_epoch(stats, completed)
             self._epoch = epoch + 1
 
     def _epoch_stream(self, mode: str, stats: EpochStats) -> Iterator[Any]:
@@ -426,6 +441,7 @@ class SelectiveBatchLoader:
                     losses = self._score(batch, ids, n, stats)
                 rows = self.policy.select(losses, self.generator)
                 stats.selected += rows.numel()
+                self.selection_log.observe(stats.epoch, losses, rows, ids)
                 yield from self._emit(batch, ids, rows, stats, self._weights(losses, rows, n))
         if self._source.batch_sizes() is None:
             self._source.observe_sizes(sizes)
@@ -469,6 +485,7 @@ class SelectiveBatchLoader:
                 ids = candidates[i]
                 losses = self._cached_losses(ids)
                 rows = self.policy.select(losses, generator)
+                self.selection_log.observe(stats.epoch, losses, rows, ids)
                 chosen.append(ids[rows])
                 weights.append(self._stale_weights(losses, rows))
             selected = torch.cat(chosen)
@@ -587,7 +604,7 @@ class SelectiveBatchLoader:
                 autocast_dtype=self.autocast_dtype,
             )
             source = "loss_fn"
-        losses = check_losses(losses, n, source=source, ids=ids)
+        losses = check_losses(losses, n, source=source, ids=ids, nonfinite=self.nonfinite)
         stats.scoring_seconds += time.perf_counter() - began
         stats.scored += n
         if self.stale is not None and ids is not None:
@@ -642,6 +659,22 @@ class SelectiveBatchLoader:
         stats.yielded += batch_length(batch)
         stats.batches += 1
         return batch
+
+
+def _log_epoch(stats: EpochStats, completed: bool) -> None:
+    logger.info(
+        "epoch %d (%s%s): loaded %d, skipped %d, scored %d in %.2fs, selected %d, yielded %d in %d batches",
+        stats.epoch,
+        stats.mode,
+        "" if completed else ", abandoned",
+        stats.loaded,
+        stats.loads_skipped,
+        stats.scored,
+        stats.scoring_seconds,
+        stats.selected,
+        stats.yielded,
+        stats.batches,
+    )
 
 
 def _validate(

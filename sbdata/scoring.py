@@ -23,10 +23,12 @@ from torch import Tensor, nn
 __all__ = [
     "INTERPOLATION_MODES",
     "LossFn",
+    "NONFINITE_MODES",
     "check_losses",
     "downsample",
     "per_example_loss",
     "preserved_model_state",
+    "replace_nonfinite",
     "score_inputs",
 ]
 
@@ -127,11 +129,29 @@ def score_inputs(
         return loss_fn(model(small), targets)
 
 
-def check_losses(losses: Any, n: int, *, source: str, ids: Tensor | None = None) -> Tensor:
+NONFINITE_MODES = ("raise", "lowest", "highest")
+
+
+def replace_nonfinite(losses: Tensor, mode: str) -> Tensor:
+    """Rank NaN and infinite losses below (``"lowest"``) or above (``"highest"``) every finite one."""
+    bad = ~torch.isfinite(losses)
+    if not bool(bad.any()):
+        return losses
+    finite = losses[~bad]
+    low = float(finite.min()) if finite.numel() else 0.0
+    high = float(finite.max()) if finite.numel() else 0.0
+    fill = low - 1.0 if mode == "lowest" else high + 1.0
+    return torch.where(bad, torch.full_like(losses, fill), losses)
+
+
+def check_losses(
+    losses: Any, n: int, *, source: str, ids: Tensor | None = None, nonfinite: str = "raise"
+) -> Tensor:
     """Validate per-example losses: a tensor of shape ``[n]`` with finite values.
 
     ``source`` names what produced them (``"loss_fn"``, ``"score_fn"``, ``"record()"``) so the
-    message points at the culprit.
+    message points at the culprit. ``nonfinite`` other than ``"raise"`` is the explicit opt-in
+    to rank NaN and infinite losses lowest or highest instead of failing.
     """
     if not isinstance(losses, Tensor):
         raise TypeError(
@@ -149,6 +169,8 @@ def check_losses(losses: Any, n: int, *, source: str, ids: Tensor | None = None)
             f"{list(losses.shape)}; {hint}"
         )
     bad = ~torch.isfinite(losses.detach())
+    if bool(bad.any()) and nonfinite != "raise":
+        return replace_nonfinite(losses.detach(), nonfinite)
     if bool(bad.any()):
         where = torch.nonzero(bad.cpu()).flatten()
         named = (
@@ -158,6 +180,7 @@ def check_losses(losses: Any, n: int, *, source: str, ids: Tensor | None = None)
         )
         raise ValueError(
             f"{source} returned {int(bad.sum())} non-finite (NaN or infinite) losses at {named}; "
-            "fix the model or data (a diverged model, a bad label) before selecting on them"
+            "fix the model or data (a diverged model, a bad label) before selecting on them, or "
+            "pass nonfinite='lowest' or 'highest' to rank them instead"
         )
     return losses.detach()

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["EpochStats", "LoaderStats"]
+import torch
+
+__all__ = ["EpochStats", "LoaderStats", "SelectionLog"]
 
 
 @dataclass
@@ -76,3 +78,65 @@ class LoaderStats:
         self.history = [
             EpochStats(**{k: v for k, v in s.items() if k in names}) for s in state["history"]
         ]
+
+
+class SelectionLog:
+    """What the selection looked like, for :func:`sbdata.plot.selection_report`.
+
+    Per epoch, a sample of up to ``max_samples`` scored (or cached) losses with whether each was
+    kept; per example id, how often it was a candidate and how often it was kept (4 + 4 bytes
+    per example, only when ids are known). The sample is drawn with its own generator, so
+    logging never changes which examples are selected.
+    """
+
+    def __init__(self, max_samples: int = 4096, seed: int = 0) -> None:
+        self.max_samples = max_samples
+        self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.candidates = torch.zeros(0, dtype=torch.int32)
+        self.kept = torch.zeros(0, dtype=torch.int32)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def observe(self, epoch: int, losses: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None) -> None:
+        losses = losses.detach().float().cpu()
+        chosen = torch.zeros(losses.numel(), dtype=torch.bool)
+        chosen[rows.cpu()] = True
+        self._sample(epoch, losses, chosen)
+        if ids is not None:
+            self._count(ids.cpu().long(), chosen)
+
+    def _sample(self, epoch: int, losses: torch.Tensor, chosen: torch.Tensor) -> None:
+        old_losses, old_chosen = self.samples.get(epoch, (torch.empty(0), torch.empty(0, dtype=torch.bool)))
+        all_losses = torch.cat([old_losses, losses])
+        all_chosen = torch.cat([old_chosen, chosen])
+        if all_losses.numel() > self.max_samples:  # keep a uniform random subset
+            keep = torch.randperm(all_losses.numel(), generator=self._generator)[: self.max_samples]
+            all_losses, all_chosen = all_losses[keep], all_chosen[keep]
+        self.samples[epoch] = (all_losses, all_chosen)
+
+    def _count(self, ids: torch.Tensor, chosen: torch.Tensor) -> None:
+        needed = int(ids.max()) + 1 if ids.numel() else 0
+        if needed > self.candidates.numel():
+            grow = max(needed, 2 * self.candidates.numel())
+            self.candidates = torch.cat([self.candidates, torch.zeros(grow - self.candidates.numel(), dtype=torch.int32)])
+            self.kept = torch.cat([self.kept, torch.zeros(grow - self.kept.numel(), dtype=torch.int32)])
+        self.candidates.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.int32))
+        self.kept.index_add_(0, ids[chosen], torch.ones(int(chosen.sum()), dtype=torch.int32))
+
+    def selection_frequency(self) -> torch.Tensor:
+        """Per example that was ever a candidate: the fraction of its candidacies that were kept."""
+        seen = self.candidates > 0
+        return self.kept[seen].float() / self.candidates[seen].float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "samples": {int(e): [l.clone(), c.clone()] for e, (l, c) in self.samples.items()},
+            "candidates": self.candidates.clone(),
+            "kept": self.kept.clone(),
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.samples = {int(e): (v[0], v[1]) for e, v in state["samples"].items()}
+        self.candidates = state["candidates"].clone()
+        self.kept = state["kept"].clone()
+        self._generator.set_state(state["generator"])
