@@ -8,6 +8,7 @@ stale mode and :mod:`~sbdata.sources` adapts the wrapped loader.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +21,13 @@ from .batches import Key, batch_length, get_field, to_device
 from . import distributed as dist_utils
 from .cache import LossCache
 from .policies import SelectionPolicy, make_policy
-from .repack import LAST_BATCH_MODES, Repacker, count_output_batches
+from .planning import EpochPlan, cut_plan, share_selection
+from .repack import Repacker, count_output_batches
 from .schedule import is_interrupt_batch, selection_active, training_progress
-from .scoring import NONFINITE_MODES, LossFn, check_losses, per_example_loss, score_inputs
+from .scoring import LossFn, check_losses, per_example_loss, score_inputs
 from .sources import Source, make_source
 from .stats import EpochStats, LoaderStats, SelectionLog
+from .validation import validate_options
 
 __all__ = ["SelectiveBatchLoader"]
 
@@ -34,11 +37,6 @@ ScoreFn = Callable[[nn.Module, Any], Tensor]
 
 PLAIN, FRESH, STALE = "plain", "fresh", "stale"
 STATE_VERSION = 1
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a training fraction in [0, 1], got {name}={value!r}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -120,9 +118,9 @@ class SelectiveBatchLoader:
         nonfinite: str = "raise",
         seed: int = 0,
     ) -> None:
-        _validate(keep, epochs, start, end, interrupt, scale_factor, stale, last_batch, scoring_mode, batch_size)
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got nonfinite={nonfinite!r}")
+        validate_options(
+            keep, epochs, start, end, interrupt, scale_factor, stale, last_batch, scoring_mode, batch_size, nonfinite
+        )
         self.nonfinite = nonfinite
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (the scorer), got {type(model).__name__}")
@@ -163,7 +161,7 @@ class SelectiveBatchLoader:
         self.batch_size: int = batch_size if batch_size is not None else source_batch_size  # type: ignore[assignment]
         self.seed = seed
         # Each rank draws its own fresh-mode selections; stale plans use a per-epoch generator
-        # that is the same on every rank (see _stale_generator).
+        # that is the same on every rank (see _global_candidates).
         self.generator = torch.Generator().manual_seed(seed + 1_000_003 * dist_utils.rank())
         self.cache = LossCache(self._source.num_examples() or 0)
         self.stats = LoaderStats()
@@ -171,6 +169,9 @@ class SelectiveBatchLoader:
         #: :func:`sbdata.plot.selection_report`
         self.selection_log = SelectionLog(seed=seed)
         self._repacker = Repacker(self.batch_size)
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()  # full, not yet yielded
+        self._position: dict[str, Any] | None = None  # where the epoch in progress is
+        self._resume: dict[str, Any] | None = None  # a mid-epoch position to continue from
         self._epoch = 0
         self._last_ids: Tensor | None = None
         self._last_recorded = True
@@ -211,30 +212,36 @@ class SelectiveBatchLoader:
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume at the next epoch boundary: plain Python and tensors,
-        readable with ``torch.load(..., weights_only=True)``.
+        """Everything needed to resume exactly: plain Python and tensors, readable with
+        ``torch.load(..., weights_only=True)``.
+
+        Taken between epochs, the next ``iter()`` after :meth:`load_state_dict` runs the next
+        epoch exactly as the uninterrupted run would have. Taken in the middle of an epoch (the
+        state "as yielded": after the last batch the training loop received), it continues
+        that epoch exactly when the epoch's order is replayable: a map-style ``DataLoader`` in
+        stale mode (sbdata fixes the epoch's id batches itself), any stale epoch, or a source
+        with its own ``state_dict`` (torchdata's ``StatefulDataLoader``). Other sources are
+        fast-forwarded by loading and discarding the batches already consumed, which is exact
+        only if they replay the same batches.
 
         Under ``torch.distributed`` this is a collective (call it on every rank, as Lightning and
-        Accelerate do); the cache is the same on every rank, and each rank's own part (its
-        generator, policy state and re-pack buffer) is gathered under ``"per_rank"`` so rank 0's
-        file is enough to resume every rank.
-
-        .. warning::
-            A state taken in the middle of an epoch resumes at the start of the next epoch;
-            the rest of the interrupted epoch is not replayed.
+        Accelerate do): the cache is the same on every rank and stored once, and each rank's own
+        part is gathered under ``"per_rank"``, so rank 0's file resumes every rank.
         """
         own = {
             "generator": self.generator.get_state(),
             "policy": self.policy.state_dict(),
             "pending": self._repacker.pending(),
+            "ready": list(self._ready),
+            "position": self._position_state(),
+            "stats": self.stats.state_dict(),
+            "selection_log": self.selection_log.state_dict(),
         }
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint(),
             "epoch": self._epoch,
             "cache": self.cache.state_dict(),
-            "stats": self.stats.state_dict(),
-            "selection_log": self.selection_log.state_dict(),
         }
         if dist_utils.is_distributed():
             gathered: list[Any] = [None] * dist_utils.world_size()
@@ -245,8 +252,12 @@ class SelectiveBatchLoader:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`. Raises ``ValueError`` if it came from a different
-        configuration (keep, batch size, dataset size, world size, policy, stale)."""
+        """Resume from :meth:`state_dict`; the next ``iter()`` continues where it was taken.
+
+        Raises:
+            ValueError: the state came from another format version or configuration (keep,
+                batch size, dataset size, world size, policy, stale).
+        """
         if not state:
             return
         if state.get("version") != STATE_VERSION:
@@ -264,14 +275,30 @@ class SelectiveBatchLoader:
         own = state["per_rank"][dist_utils.rank()]
         self._epoch = int(state["epoch"])
         self.cache.load_state_dict(state["cache"])
-        self.stats.load_state_dict(state["stats"])
-        self.selection_log.load_state_dict(state["selection_log"])
+        self.stats.load_state_dict(own["stats"])
+        self.selection_log.load_state_dict(own["selection_log"])
         self.generator.set_state(own["generator"])
         self.policy.load_state_dict(own["policy"])
         self._repacker.clear()
         if own["pending"] is not None:
-            pending = own["pending"]
-            self._repacker.add(pending, torch.arange(batch_length(pending["batch"])))
+            self._repacker.add(own["pending"], torch.arange(batch_length(own["pending"]["batch"])))
+        self._ready = collections.deque(own["ready"])
+        self._resume = own["position"]
+        if self._resume is not None:
+            self._epoch = int(self._resume["epoch"])
+            stateful_source = self._resume.get("source_state")
+            if stateful_source is not None:
+                self.loader.load_state_dict(stateful_source)
+
+    def _position_state(self) -> dict[str, Any] | None:
+        if self._position is None:
+            return None
+        position = dict(self._position)
+        if isinstance(position.get("plan"), EpochPlan):
+            position["plan"] = position["plan"].state_dict()
+        if position["kind"] == "stream" and "candidates" not in position and _is_stateful(self.loader):
+            position["source_state"] = self.loader.state_dict()
+        return position
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
@@ -346,36 +373,42 @@ class SelectiveBatchLoader:
 
     def _run_epoch(self) -> Iterator[Any]:
         # Nothing happens until the first next(): a set_epoch() after iter() still counts.
+        resume, self._resume = self._resume, None
         epoch = self._current_epoch = self._epoch
-        mode = self.mode(epoch)
-        stats = self.stats.begin(epoch, mode)
+        mode = resume["mode"] if resume else self.mode(epoch)
+        stats = self.stats.current if resume else self.stats.begin(epoch, mode)
         self._source.set_epoch(epoch)
+        self._position = {"epoch": epoch, "mode": mode, "consumed": 0}
         completed = False
         try:
-            stream = self._epoch_stream(mode, stats)
+            stream = self._epoch_stream(mode, stats, resume)
             if dist_utils.is_distributed():
                 stream = self._equal_counts(stream, stats)
             yield from stream
             self._sync_cache()
             completed = True
         finally:
-            if not completed:
-                self._repacker.clear()  # an abandoned epoch leaves nothing behind
+            if not completed:  # an abandoned epoch leaves nothing behind
+                self._repacker.clear()
+                self._ready.clear()
+            self._position = None
             self.stats.end()
             _log_epoch(stats, completed)
             self._epoch = epoch + 1
 
-    def _epoch_stream(self, mode: str, stats: EpochStats) -> Iterator[Any]:
+    def _epoch_stream(self, mode: str, stats: EpochStats, resume: dict[str, Any] | None) -> Iterator[Any]:
+        yield from self._drain_ready(stats)  # batches completed before a checkpoint
         if mode == STALE and self._source.can_filter:
-            yield from self._stale_epoch(stats)
+            yield from self._stale_epoch(stats, resume)
         else:
-            yield from self._streamed_epoch(mode, stats)
+            yield from self._streamed_epoch(mode, stats, resume)
         yield from self._epoch_tail(stats)
 
     def _equal_counts(self, stream: Iterator[Any], stats: EpochStats) -> Iterator[Any]:
         """Yield the same number of batches on every rank (NOTE [ Equal batches on every rank ])."""
         try:
-            local = len(self) if self.policy.exact or self.mode(stats.epoch) == PLAIN else -1
+            exact = self.policy.exact or stats.mode == PLAIN
+            local = len(self) - stats.batches if exact else -1  # a resumed epoch has yielded some
         except TypeError:
             local = -1
         low = dist_utils.all_reduce_int(local, "min")
@@ -422,10 +455,15 @@ class SelectiveBatchLoader:
         if dist_utils.is_distributed():
             self._pending.append((ids.cpu().long(), losses.detach().float().cpu(), self._current_epoch))
 
-    def _streamed_epoch(self, mode: str, stats: EpochStats) -> Iterator[Any]:
+    def _streamed_epoch(self, mode: str, stats: EpochStats, resume: dict[str, Any] | None) -> Iterator[Any]:
+        """Load every batch; score (fresh) or look up (stale, ids in the batch) and select."""
+        opened, first, skip_until = self._open_stream(resume)
         sizes = []
-        with self._source.epoch() as batches:
-            for i, (batch, source_ids) in enumerate(batches):
+        with opened as batches:
+            for i, (batch, source_ids) in enumerate(batches, first):
+                if i < skip_until:  # fast-forward a source that cannot restore its position
+                    continue
+                self._position["consumed"] = i + 1  # type: ignore[index]
                 n = batch_length(batch)
                 sizes.append(n)
                 stats.loaded += n
@@ -443,14 +481,33 @@ class SelectiveBatchLoader:
                 stats.selected += rows.numel()
                 self.selection_log.observe(stats.epoch, losses, rows, ids)
                 yield from self._emit(batch, ids, rows, stats, self._weights(losses, rows, n))
-        if self._source.batch_sizes() is None:
+        if resume is None and self._source.batch_sizes() is None:
             self._source.observe_sizes(sizes)
 
-    def _stale_epoch(self, stats: EpochStats) -> Iterator[Any]:
+    def _open_stream(self, resume: dict[str, Any] | None) -> tuple[Any, int, int]:
+        """The epoch's ``(batch, ids)`` stream, the index of its first batch, and how many
+        batches to skip. A source that loads given id batches gets the epoch's ids drawn up
+        front, so a checkpoint can name exactly what is left."""
+        consumed = resume["consumed"] if resume else 0
+        self._position["kind"] = "stream"  # type: ignore[index]
+        if getattr(self._source, "plans_every_epoch", False):
+            candidates = resume["candidates"] if resume else self._source.candidates()
+            self._position["candidates"] = candidates  # type: ignore[index]
+            return self._source.load(candidates[consumed:]), consumed, 0
+        if resume and resume.get("source_state") is not None:
+            return self._source.epoch(), consumed, 0  # the source restored its own position
+        return self._source.epoch(), 0, consumed
+
+    def _stale_epoch(self, stats: EpochStats, resume: dict[str, Any] | None) -> Iterator[Any]:
         """Select from cached losses first, then load only what was selected."""
-        plan, passes, weights = self._stale_plan(stats)
-        with self._source.load(plan) as batches:
-            for (batch, ids), passed, weight in zip(batches, passes, weights):
+        plan = EpochPlan.from_state(resume["plan"]) if resume else self._stale_plan(stats)
+        start = resume["consumed"] if resume else 0
+        self._position.update(kind="stale", plan=plan)  # type: ignore[union-attr]
+        todo = slice(start, None)
+        with self._source.load(plan.batches[todo]) as batches:
+            steps = zip(batches, plan.passes[todo], plan.weights[todo])
+            for k, ((batch, ids), passed, weight) in enumerate(steps, start):
+                self._position["consumed"] = k + 1  # type: ignore[index]
                 n = batch_length(batch)
                 stats.loaded += n
                 stats.source_batches += 1
@@ -461,40 +518,36 @@ class SelectiveBatchLoader:
                 weight = None if weight is None else weight.to(self.device)
                 yield from self._emit(batch, ids, torch.arange(n), stats, weight)
 
-    def _stale_plan(self, stats: EpochStats) -> tuple[list[Tensor], list[bool], list[Tensor | None]]:
-        """Id batches to load this stale epoch, which of them pass through unchanged, and the
-        policy's per-example weights (if any).
+    def _stale_plan(self, stats: EpochStats) -> EpochPlan:
+        """The id batches to load this stale epoch (see :mod:`sbdata.planning`).
 
         Under ``torch.distributed`` every rank gathers all ranks' candidate batches, makes the
         same global selection (same cache, same per-epoch generator, rank 0's policy state),
-        and takes an equal, disjoint share. Selected ids are cut into batches that exactly fill
-        the re-pack buffer (the first one tops up rows carried from the last epoch), so full
-        batches need no copy.
+        and takes an equal, disjoint share.
         """
         local = self._source.candidates()
         per_rank, generator = self._global_candidates(local)
-        world, me = len(per_rank), dist_utils.rank()
-        shares: list[list[tuple[int, Tensor, Tensor | None]]] = [[] for _ in range(world)]
-        for i in range(max(len(c) for c in per_rank)):
-            if is_interrupt_batch(i, self.interrupt):
-                continue
-            chosen, weights = [], []
-            for candidates in per_rank:
-                if i >= len(candidates):
-                    continue
-                ids = candidates[i]
-                losses = self._cached_losses(ids)
-                rows = self.policy.select(losses, generator)
-                self.selection_log.observe(stats.epoch, losses, rows, ids)
-                chosen.append(ids[rows])
-                weights.append(self._stale_weights(losses, rows))
-            selected = torch.cat(chosen)
-            weight = torch.cat(weights) if weights[0] is not None else None  # type: ignore[arg-type]
-            stats.selected += selected.numel() // world
-            for r in range(world):  # rank r takes every world-th selected id of this batch
-                shares[r].append((i, selected[r::world], None if weight is None else weight[r::world]))
-        equal = min(sum(part.numel() for _, part, _ in share) for share in shares)
-        return self._cut_plan(local, shares[me], equal, stats)
+        weigh = getattr(self.policy, "weigh", None)
+
+        def pick(ids: Tensor) -> tuple[Tensor, Tensor | None]:
+            losses = self._cached_losses(ids)
+            rows = self.policy.select(losses, generator)
+            self.selection_log.observe(stats.epoch, losses, rows, ids)
+            return rows, (weigh(losses, rows).float().cpu() if callable(weigh) else None)
+
+        shares, equal = share_selection(per_rank, pick, self.interrupt)
+        stats.selected += sum(part.numel() for share in shares for _, part, _ in share) // len(shares)
+        plan = cut_plan(
+            local,
+            shares[dist_utils.rank()],
+            limit=equal,
+            batch_size=self.batch_size,
+            waiting=len(self._repacker),
+            interrupt=self.interrupt,
+            last_batch=self.last_batch,
+        )
+        stats.loads_skipped = sum(c.numel() for c in local) - plan.examples()
+        return plan
 
     def _global_candidates(self, local: list[Tensor]) -> tuple[list[list[Tensor]], torch.Generator]:
         if not dist_utils.is_distributed():
@@ -511,54 +564,6 @@ class SelectiveBatchLoader:
         state = [self.policy.state_dict()]
         torch.distributed.broadcast_object_list(state, src=0)
         self.policy.load_state_dict(state[0])
-
-    def _stale_weights(self, losses: Tensor, rows: Tensor) -> Tensor | None:
-        weigh = getattr(self.policy, "weigh", None)
-        return weigh(losses, rows).float().cpu() if callable(weigh) else None
-
-    def _cut_plan(
-        self,
-        local: list[Tensor],
-        share: list[tuple[int, Tensor, Tensor | None]],
-        limit: int,
-        stats: EpochStats,
-    ) -> tuple[list[Tensor], list[bool], list[Tensor | None]]:
-        """Turn this rank's selected ids (at most ``limit`` of them) into id batches to load,
-        with the interrupt schedule's pass-through batches in their places."""
-        plan: list[Tensor] = []
-        passes: list[bool] = []
-        plan_weights: list[Tensor | None] = []
-        by_batch = {i: (ids, w) for i, ids, w in share}
-        queue = torch.empty(0, dtype=torch.long)
-        queued_weights: Tensor | None = None
-        need = self.batch_size - len(self._repacker)
-        budget = limit
-        for i, candidates in enumerate(local):
-            if is_interrupt_batch(i, self.interrupt):
-                plan.append(candidates)
-                passes.append(True)
-                plan_weights.append(None)
-                continue
-            ids, weights = by_batch.get(i, (torch.empty(0, dtype=torch.long), None))
-            ids = ids[:budget]
-            budget -= ids.numel()
-            queue = torch.cat([queue, ids])
-            if weights is not None:
-                weights = weights[: ids.numel()]
-                queued_weights = weights if queued_weights is None else torch.cat([queued_weights, weights])
-            while queue.numel() >= need:
-                plan.append(queue[:need])
-                passes.append(False)
-                plan_weights.append(None if queued_weights is None else queued_weights[:need])
-                queue = queue[need:]
-                queued_weights = None if queued_weights is None else queued_weights[need:]
-                need = self.batch_size
-        if queue.numel() and self.last_batch != "drop":
-            plan.append(queue)
-            passes.append(False)
-            plan_weights.append(queued_weights)
-        stats.loads_skipped = sum(c.numel() for c in local) - sum(p.numel() for p in plan)
-        return plan, passes, plan_weights
 
     def _epoch_tail(self, stats: EpochStats) -> Iterator[Any]:
         if self.last_batch == "yield":
@@ -631,18 +636,24 @@ class SelectiveBatchLoader:
     def _emit(
         self, batch: Any, ids: Tensor | None, rows: Tensor, stats: EpochStats, weights: Tensor | None = None
     ) -> Iterator[Any]:
+        """Hand out the selected ``rows`` of ``batch``: as they are if they make exactly one
+        full batch, else through the re-pack buffer (NOTE [ One copy, no views ])."""
         packed = {"batch": batch}
         if ids is not None:
             packed["ids"] = ids
         if weights is not None:
             packed["weights"] = weights
-        whole = rows.numel() == self.batch_size == batch_length(batch)
-        recycled = getattr(self._source, "recycles_buffers", False)  # FFCV: batch is a view
-        if whole and not recycled and len(self._repacker) == 0 and bool((rows == torch.arange(rows.numel())).all()):
-            yield self._hand_out(packed, stats)  # already a full batch: no copy
+        whole = rows.numel() == self.batch_size == batch_length(batch) and len(self._repacker) == 0
+        recycled = getattr(self._source, "recycles_buffers", False)  # FFCV: a view into its buffers
+        if whole and not recycled and bool((rows == torch.arange(rows.numel())).all()):
+            yield self._hand_out(packed, stats)  # already one full batch: no copy
             return
-        for out in self._repacker.add(packed, rows):
-            yield self._hand_out(out, stats)
+        self._ready.extend(self._repacker.add(packed, rows))
+        yield from self._drain_ready(stats)
+
+    def _drain_ready(self, stats: EpochStats) -> Iterator[Any]:
+        while self._ready:
+            yield self._hand_out(self._ready.popleft(), stats)
 
     def _pass_through(self, batch: Any, ids: Tensor | None, n: int, stats: EpochStats) -> Iterator[Any]:
         stats.passed_through += n
@@ -677,45 +688,5 @@ def _log_epoch(stats: EpochStats, completed: bool) -> None:
     )
 
 
-def _validate(
-    keep: float,
-    epochs: int | None,
-    start: float,
-    end: float,
-    interrupt: int,
-    scale_factor: float,
-    stale: int | None,
-    last_batch: str,
-    scoring_mode: str,
-    batch_size: int | None,
-) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got keep={keep!r}; keep=1 disables selection")
-    _check_fraction("start", start)
-    _check_fraction("end", end)
-    if epochs is None and (start > 0.0 or end < 1.0):
-        raise ValueError(
-            f"start={start} and end={end} are fractions of training, so epochs= is needed to "
-            "know where they fall; pass epochs=<total training epochs>"
-        )
-    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive int, got epochs={epochs!r}")
-    if start > end:
-        raise ValueError(f"start must be <= end, got start={start}, end={end}")
-    if not isinstance(interrupt, int) or interrupt < 0:
-        raise ValueError(f"interrupt must be an int >= 0 (0: never), got interrupt={interrupt!r}")
-    if interrupt == 1:
-        raise ValueError(
-            "interrupt=1 would pass every batch through and never select; use interrupt=0 "
-            "(never interrupt) or >= 2"
-        )
-    if not isinstance(scale_factor, (int, float)) or not 0.0 < scale_factor <= 1.0:
-        raise ValueError(f"scale_factor must be in (0, 1], got scale_factor={scale_factor!r}")
-    if stale is not None and (isinstance(stale, bool) or not isinstance(stale, int) or stale < 1):
-        raise ValueError(f"stale must be None or an int >= 1 (rescore every n epochs), got stale={stale!r}")
-    if last_batch not in LAST_BATCH_MODES:
-        raise ValueError(f"last_batch must be one of {LAST_BATCH_MODES}, got last_batch={last_batch!r}")
-    if scoring_mode not in ("eval", "train"):
-        raise ValueError(f"scoring_mode must be 'eval' or 'train', got scoring_mode={scoring_mode!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}")
+def _is_stateful(loader: Any) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))

@@ -79,7 +79,14 @@ class Source:
         return size if isinstance(size, int) and size > 0 else None
 
     def num_examples(self) -> int | None:
-        return None
+        """Examples in the dataset, when the loader exposes a sized ``dataset``."""
+        dataset = getattr(self.loader, "dataset", None)
+        if dataset is None or isinstance(dataset, IterableDataset):
+            return None
+        try:
+            return len(dataset)
+        except TypeError:
+            return None
 
     def batch_sizes(self) -> list[int] | None:
         """Sizes of one epoch's source batches, or ``None`` while unknown."""
@@ -233,6 +240,7 @@ class DataLoaderSource(Source):
 
     can_filter = True
     provides_ids = True
+    plans_every_epoch = True  # fresh epochs too: ids drawn up front, so resume is exact
 
     def __init__(self, loader: DataLoader) -> None:
         super().__init__(loader)
