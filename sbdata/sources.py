@@ -75,8 +75,13 @@ class Source:
         forward_set_epoch(self.loader, epoch)
 
     def batch_size(self) -> int | None:
-        size = getattr(self.loader, "batch_size", None)
-        return size if isinstance(size, int) and size > 0 else None
+        """The loader's ``batch_size``, or its batch sampler's (``DataLoader(batch_sampler=...)``,
+        Accelerate's ``DataLoaderShard``)."""
+        for owner in (self.loader, getattr(self.loader, "batch_sampler", None)):
+            size = getattr(owner, "batch_size", None)
+            if isinstance(size, int) and size > 0:
+                return size
+        return None
 
     def num_examples(self) -> int | None:
         """Examples in the dataset, when the loader exposes a sized ``dataset``."""
