@@ -69,13 +69,15 @@ class SelectiveBatchLoader:
             ``"random"`` (the control), or a :class:`~sbdata.policies.SelectionPolicy`.
         batch_size: size of the yielded batches; default the source loader's ``batch_size``.
         epochs: total training epochs; needed when ``start > 0`` or ``end < 1``.
-        start, end: selection is active while ``epoch / epochs`` is in ``[start, end)``.
+        start: selection is active while ``epoch / epochs`` is in ``[start, end)``.
+        end: see ``start``; from ``end`` on, batches pass through unchanged.
         interrupt: source batch ``i`` of an epoch passes through unchanged when
             ``(i + 1) % interrupt == 0``; ``0`` never.
         scale_factor: downsample inputs for the scoring pass only (``<= 1``).
         stale: ``None`` scores every active epoch; ``n`` scores every n-th active epoch (the
             first included) and selects from cached losses in between, loading only what it keeps.
-        input_key, target_key: where inputs and targets live in a batch (index, key or callable).
+        input_key: where the inputs live in a batch (index, key or callable).
+        target_key: where the targets live in a batch (index, key or callable).
         index_key: where example ids live in a batch, if it carries them.
         device: scoring device; default the model's. Selected batches are yielded there.
         last_batch: ``"yield"`` the epoch's partial last batch, ``"drop"`` it, or ``"carry"`` its
