@@ -176,6 +176,7 @@ class SelectiveBatchLoader:
         self._resume: dict[str, Any] | None = None  # a mid-epoch position to continue from
         self._epoch = 0
         self._last_ids: Tensor | None = None
+        self._last_size: int | None = None
         self._last_recorded = True
         self._current_epoch = 0
         self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
@@ -344,24 +345,33 @@ class SelectiveBatchLoader:
     def record(self, losses: Tensor) -> None:
         """Feed the per-example training losses of the batch just yielded into the loss cache.
 
+        Call it once per batch, in any epoch (plain, fresh or stale). It is checked in every
+        mode; it changes something only where losses are cached (``stale=n``) or example ids
+        are known (``index_key=``). Without either it is a checked no-op, so a training loop
+        can call it unconditionally.
+
         Raises:
-            RuntimeError: no batch was yielded yet, or its example ids are unknown.
+            RuntimeError: no batch was yielded yet, or ``record()`` was already called for it.
             ValueError: ``losses`` is not one finite loss per example of that batch.
         """
-        if self._last_ids is None:
-            raise RuntimeError(
-                "record() needs the example ids of the batch just yielded, and none are known: "
-                "call it after a batch was yielded, with stale=n or index_key= set so ids are tracked"
-            )
+        if self._last_size is None:
+            raise RuntimeError("record() was called before any batch was yielded; call it after each batch")
         if self._last_recorded:
             raise RuntimeError(
                 "record() was already called for the batch just yielded; call it once per batch"
             )
         ids = self._last_ids
-        losses = check_losses(losses, ids.numel(), source="record()", ids=ids, nonfinite=self.nonfinite)
+        losses = check_losses(losses, self._last_size, source="record()", ids=ids, nonfinite=self.nonfinite)
+        self._last_recorded = True
+        if ids is None:
+            if self.stale is not None:
+                raise RuntimeError(
+                    "record() needs the example ids of the batch just yielded, and none are known; "
+                    "return each example's index from the dataset and pass index_key="
+                )
+            return
         self._cache_update(ids, losses)
         self.stats.current.recorded += ids.numel()
-        self._last_recorded = True
 
     # ------------------------------------------------------------------ epochs
 
@@ -667,6 +677,7 @@ class SelectiveBatchLoader:
     def _hand_out(self, packed: dict[str, Any], stats: EpochStats) -> Any:
         batch = packed["batch"]
         self._last_ids = packed.get("ids")
+        self._last_size = batch_length(batch)
         self.batch_weights = packed.get("weights")
         self._last_recorded = False
         stats.yielded += batch_length(batch)

@@ -322,15 +322,18 @@ def _recording_loader():
 
 def test_record_before_any_batch_is_an_error():
     sb = _recording_loader()
-    with pytest.raises(RuntimeError, match=r"record\(\) needs the example ids of the batch just yielded.*after a batch was yielded"):
+    with pytest.raises(RuntimeError, match=r"record\(\) was called before any batch was yielded"):
         sb.record(torch.zeros(2))
 
 
-def test_record_without_known_ids_explains_how_to_track_them():
+def test_record_without_ids_or_cache_is_a_checked_no_op():
     sb = _make(_batches(), score_fn=lambda m, b: id_loss(b[2]))
-    next(iter(sb))
-    with pytest.raises(RuntimeError, match=r"record\(\) needs the example ids.*index_key= set"):
-        sb.record(torch.zeros(2))
+    batch = next(iter(sb))
+    n = len(batch[0])
+    with pytest.raises(ValueError, match=rf"record\(\) must return one loss per example, shape \[{n}\]"):
+        sb.record(torch.zeros(n + 1))
+    sb.record(torch.zeros(n))  # allowed in every mode; nothing to cache without ids
+    assert sb.stats.current.recorded == 0 and sb.cache.known_count() == 0
 
 
 def test_record_checks_the_shape_and_values_and_accepts_one_call_per_batch():
