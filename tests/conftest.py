@@ -164,3 +164,40 @@ def known_ce(table: Tensor, ids: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy of ``LogitTable(table)`` computed by hand in float64."""
     rows = table[ids].double()
     return torch.logsumexp(rows, dim=1) - rows.gather(1, targets[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------- datasets that know their ids
+
+
+class IndexedPairs(torch.utils.data.Dataset):
+    """Example i is ``(x = [i, i], y = i % 3, i)``; every ``__getitem__`` is counted in a
+    shared-memory tensor, so loads in worker processes count too."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.loads = torch.zeros(n, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.loads[i] += 1
+        return torch.tensor([float(i), float(i)]), i % 3, i
+
+
+class Echo(nn.Module):
+    """A scorer whose outputs are its inputs, so a loss can read the id from them; counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x
+
+
+def loss_from_x(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``loss_fn`` for :class:`Echo` on :class:`IndexedPairs`: :func:`id_loss` of the id in x."""
+    return id_loss(outputs[:, 0].long()).float()

@@ -4,44 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sbdata import SelectiveBatchLoader
 from sbdata.distributed import all_gather_variable, all_reduce_int
 
+from .conftest import Echo, IndexedPairs, id_loss, loss_from_x
 from .distributed_helpers import run_on_two_ranks
 
 N = 96
 
 
-class IdDataset(Dataset):
-    """Example i is (x = [i, i], y = i % 3, i)."""
-
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int):
-        return torch.tensor([float(i), float(i)]), i % 3, i
-
-
-class Echo(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        self.calls += 1
-        return x
-
-
-def id_loss(i: torch.Tensor) -> torch.Tensor:
-    return ((i.double() * 37) % 101).float()
-
-
-def loss_from_x(outputs, targets):
-    return id_loss(outputs[:, 0].long())
+def IdDataset() -> IndexedPairs:
+    return IndexedPairs(N)
 
 
 def make(rank: int, world: int, **kw):

@@ -6,33 +6,20 @@ import io
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sbdata import SelectiveBatchLoader
+
+from .conftest import Echo, IndexedPairs, loss_from_x
 
 N = 90
 
 
-class IdDataset(Dataset):
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int):
-        return torch.tensor([float(i), float(i)]), i % 3, i
+def IdDataset() -> IndexedPairs:
+    return IndexedPairs(N)
 
 
-class Echo(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        return x
-
-
-def id_loss(outputs, targets):
-    return ((outputs[:, 0].double() * 37) % 101).float()
+id_loss = loss_from_x
 
 
 def dataloader(**kw):

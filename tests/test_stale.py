@@ -7,48 +7,20 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sbdata import LossCache, SelectiveBatchLoader
+
+from .conftest import Echo, IndexedPairs, id_loss, loss_from_x
 
 N = 96
 
 
-class CountingDataset(Dataset):
-    """Example i is (x = [i, i], y = i % 3, i); every __getitem__ is counted, across workers too."""
-
-    def __init__(self, n: int = N) -> None:
-        self.n = n
-        self.loads = torch.zeros(n, dtype=torch.int64).share_memory_()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        self.loads[i] += 1
-        return torch.tensor([float(i), float(i)]), i % 3, i
+def CountingDataset(n: int = N) -> IndexedPairs:
+    return IndexedPairs(n)
 
 
-class CountingScorer(nn.Module):
-    """A 'model' whose outputs make the loss a known function of the id: loss(i) = hidden(i)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        self.calls += 1
-        return x
-
-
-def id_loss(i: torch.Tensor) -> torch.Tensor:
-    """A scrambled but known loss per id, so high losses are not simply high ids."""
-    return ((i.double() * 37) % 101).float()
-
-
-def loss_from_x(outputs, targets):
-    return id_loss(outputs[:, 0].long())
+CountingScorer = Echo
 
 
 def make(loader, **kw):
