@@ -15,6 +15,7 @@ from .policies import (
     ThresholdPolicy as ThresholdPolicy,
     TopKPolicy as TopKPolicy,
 )
+from .recipes import recipe as recipe
 from .stats import EpochStats as EpochStats, LoaderStats as LoaderStats
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "SelectiveBatchLoader",
     "ThresholdPolicy",
     "TopKPolicy",
+    "recipe",
 ]
 if __all__ != sorted(__all__):
     raise AssertionError("__all__ is not sorted")

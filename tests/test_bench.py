@@ -1,0 +1,108 @@
+"""The benchmark: metrics on synthetic curves with known answers, recipes, and a quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sbdata
+from sbdata import SelectiveBatchLoader
+from sbdata.bench import report
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_targets_come_from_plain_final_accuracy():
+    t = report.targets_from(99.0)  # error 1 %
+    assert t["lossless"] == pytest.approx(98.9)
+    assert t["err x1.1"] == pytest.approx(98.9)
+    assert t["err x1.2"] == pytest.approx(98.8)
+    assert t["err x1.4"] == pytest.approx(98.6)
+
+
+def test_time_to_target_is_the_first_time_the_target_is_reached():
+    seconds = [1.0, 2.0, 3.0, 4.0]
+    accuracy = [90.0, 95.0, 94.0, 96.0]
+    assert report.time_to_target(seconds, accuracy, 95.0) == 2.0  # reaching it exactly counts
+    assert report.time_to_target(seconds, accuracy, 95.5) == 4.0
+    assert report.time_to_target(seconds, accuracy, 89.0) == 1.0
+    assert report.time_to_target(seconds, accuracy, 97.0) is None
+
+
+def test_mean_curve_averages_per_epoch_and_rejects_ragged_seeds():
+    secs, acc = report.mean_curve([[1.0, 2.0], [3.0, 4.0]], [[90.0, 92.0], [94.0, 96.0]])
+    assert secs == [2.0, 3.0] and acc == [92.0, 94.0]
+    with pytest.raises(ValueError, match="same number of epochs"):
+        report.mean_curve([[1.0], [1.0, 2.0]], [[90.0], [90.0, 91.0]])
+
+
+def test_summarize_gives_ratios_to_plain_on_mean_curves():
+    # plain ends at 99.0 % (error 1 %): lossless 98.9, x1.1 98.9, x1.2 98.8, x1.4 98.6.
+    plain = {"seconds": [[10, 20, 30, 40]] * 2, "accuracy": [[97.0, 98.6, 98.8, 99.1], [97.0, 98.6, 98.8, 98.9]]}
+    # twice as fast per epoch, reaches 98.6 in epoch 1 and 98.9 in epoch 3; never 99.0.
+    fast = {"seconds": [[5, 10, 15, 20], [5, 10, 15, 20]], "accuracy": [[98.6, 98.7, 98.9, 98.9]] * 2}
+    slow = {"seconds": [[20, 40]] * 2, "accuracy": [[90.0, 95.0]] * 2}
+    out = report.summarize({"plain": plain, "fast": fast, "slow": slow})
+    p, f, s = (out["methods"][k] for k in ("plain", "fast", "slow"))
+    assert out["targets"]["lossless"] == pytest.approx(98.9)
+    assert p["final_mean"] == pytest.approx(99.0) and p["final_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert p["time_to"]["err x1.4"] == 20 and p["time_to"]["lossless"] == 40
+    assert p["ratio"]["lossless"] == pytest.approx(1.0)
+    assert f["time_to"]["err x1.4"] == 5 and f["ratio"]["err x1.4"] == pytest.approx(0.25)
+    assert f["time_to"]["lossless"] == 15 and f["ratio"]["lossless"] == pytest.approx(15 / 40)
+    assert f["ratio"]["err x1.2"] == pytest.approx(15 / 30)  # 98.8: plain at 30 s, fast at 15 s
+    assert f["time_ratio"] == pytest.approx(0.5)
+    assert s["ratio"]["err x1.4"] is None and s["ratio"]["lossless"] is None  # not reached
+    table = report.markdown_table(out, {"plain": 4, "fast": 4, "slow": 2})
+    assert "not reached" in table and "| fast | 4 |" in table
+    with pytest.raises(ValueError, match="baseline"):
+        report.summarize({"fast": fast})
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", sorted(sbdata.recipes.RECIPES))
+def test_recipe_returns_loader_kwargs_with_its_own_epoch_budget(name):
+    kwargs = sbdata.recipe(name, 8)
+    assert isinstance(kwargs["epochs"], int) and kwargs["epochs"] >= 1
+    assert sbdata.recipes.NEEDS_RECORD[name] in (True, False)
+    kwargs["keep"] = kwargs["keep"]  # a fresh dict: editing it does not change the recipe
+    assert sbdata.recipe(name, 8) == kwargs
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    sb = SelectiveBatchLoader(loader, torch.nn.Linear(3, 2), **kwargs)
+    assert sb.epochs == kwargs["epochs"]
+
+
+def test_recipe_rejects_unknown_names_and_bad_budgets():
+    with pytest.raises(ValueError, match="name must be one of"):
+        sbdata.recipe("fastest", 8)
+    with pytest.raises(ValueError, match="plain_epochs"):
+        sbdata.recipe("fast", 0)
+
+
+# ---------------------------------------------------------------- the quick run
+
+
+def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path):
+    pytest.importorskip("mnist1d")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from sbdata.bench.__main__ import main
+
+    out = tmp_path / "bench"
+    main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    png = (out / "time_to_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for dataset in ("mnist1d", "digits"):
+        study = results["studies"][dataset]
+        assert "plain" in study["methods"] and len(study["methods"]) >= 8
+        for name, method in study["methods"].items():
+            assert len(method["accuracy"]) == 2  # two seeds in quick mode
+            assert name in study["summary"]["methods"]
+            assert f"| {name} |" in markdown
