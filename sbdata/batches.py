@@ -135,6 +135,8 @@ def _rows(t: Tensor) -> int:
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a batch to ``device`` (no copy when it is already there)."""
     leaves, spec = flatten(batch)
+    if all(leaf.device == device for leaf in leaves if isinstance(leaf, Tensor)):
+        return batch  # already there: the very same object
     moved = [
         leaf.to(device, non_blocking=True) if isinstance(leaf, Tensor) else leaf for leaf in leaves
     ]

@@ -179,6 +179,7 @@ class SelectiveBatchLoader:
         self._last_size: int | None = None
         self._last_recorded = True
         self._current_epoch = 0
+        self._scorer_modules: list[nn.Module] | None = None
         self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
         #: per-example loss weights of the batch just yielded, for policies that reweight
         #: (``InfoBatchPolicy``); ``None`` otherwise. Use ``(weights * losses).mean()``.
@@ -390,6 +391,7 @@ class SelectiveBatchLoader:
         mode = resume["mode"] if resume else self.mode(epoch)
         stats = self.stats.current if resume else self.stats.begin(epoch, mode)
         self._source.set_epoch(epoch)
+        self._scorer_modules = list(self.model.modules())  # walked once per epoch, not per batch
         self._position = {"epoch": epoch, "mode": mode, "consumed": 0}
         completed = False
         try:
@@ -619,6 +621,7 @@ class SelectiveBatchLoader:
                 scale_factor=self.scale_factor,
                 mode=self.scoring_mode,
                 autocast_dtype=self.autocast_dtype,
+                modules=self._scorer_modules,
             )
             source = "loss_fn"
         losses = check_losses(losses, n, source=source, ids=ids, nonfinite=self.nonfinite)
@@ -655,7 +658,7 @@ class SelectiveBatchLoader:
             packed["ids"] = ids
         if weights is not None:
             packed["weights"] = weights
-        whole = rows.numel() == self.batch_size == batch_length(batch) and len(self._repacker) == 0
+        whole = rows.numel() == self.batch_size and len(self._repacker) == 0 and batch_length(batch) == rows.numel()
         recycled = getattr(self._source, "recycles_buffers", False)  # FFCV: a view into its buffers
         if whole and not recycled and bool((rows == torch.arange(rows.numel())).all()):
             yield self._hand_out(packed, stats)  # already one full batch: no copy
@@ -677,10 +680,10 @@ class SelectiveBatchLoader:
     def _hand_out(self, packed: dict[str, Any], stats: EpochStats) -> Any:
         batch = packed["batch"]
         self._last_ids = packed.get("ids")
-        self._last_size = batch_length(batch)
+        self._last_size = size = batch_length(batch)
         self.batch_weights = packed.get("weights")
         self._last_recorded = False
-        stats.yielded += batch_length(batch)
+        stats.yielded += size
         stats.batches += 1
         return batch
 

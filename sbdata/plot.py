@@ -62,7 +62,7 @@ def _loss_panel(ax: Any, log: Any, epoch: int | None) -> None:
         ax.set_title("no selective epoch yet")
         return
     epoch = max(log.samples) if epoch is None else epoch
-    losses, chosen = log.samples[epoch]
+    losses, chosen, _ = log.samples[epoch]
     bins = torch.linspace(float(losses.min()), float(losses.max()) + 1e-6, 40).numpy()
     ax.hist(losses[~chosen].numpy(), bins=bins, alpha=0.6, label="skipped")
     ax.hist(losses[chosen].numpy(), bins=bins, alpha=0.6, label="selected")

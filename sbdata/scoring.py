@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -91,17 +91,31 @@ def _norm_buffers(model: nn.Module) -> list[Tensor]:
 
 
 @contextlib.contextmanager
-def preserved_model_state(model: nn.Module, mode: str) -> Iterator[None]:
+def preserved_model_state(
+    model: nn.Module, mode: str, modules: Sequence[nn.Module] | None = None
+) -> Iterator[None]:
     """Put ``model`` in ``mode`` ("eval" or "train") for scoring; afterwards restore every
-    module's training flag and every normalisation buffer exactly."""
-    flags = [(m, m.training) for m in model.modules()]
-    saved = [(buf, buf.clone()) for buf in _norm_buffers(model)] if mode == "train" else []
-    model.train(mode == "train")
+    module's training flag and every normalisation buffer exactly.
+
+    ``modules`` is ``list(model.modules())`` if the caller has it already (the loader keeps it
+    for an epoch: walking the module tree for every batch is a measurable cost).
+    """
+    wanted = mode == "train"
+    modules = list(model.modules()) if modules is None else modules
+    flags = [m.training for m in modules]
+    saved = [(buf, buf.clone()) for buf in _norm_buffers(model)] if wanted else []
+    switch = any(flag != wanted for flag in flags)
+    if switch and wanted:
+        model.train(True)  # through train(), so modules that override it still see the call
+    elif switch:
+        for module in modules:  # what eval() does, without its recursion per batch
+            object.__setattr__(module, "training", False)
     try:
         yield
     finally:
-        for module, flag in flags:
-            module.training = flag
+        if switch:
+            for module, flag in zip(modules, flags):  # nn.Module.__setattr__ is slow
+                object.__setattr__(module, "training", flag)
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
@@ -116,6 +130,7 @@ def score_inputs(
     scale_factor: float = 1.0,
     mode: str = "eval",
     autocast_dtype: torch.dtype | None = None,
+    modules: Sequence[nn.Module] | None = None,
 ) -> Tensor:
     """Per-example losses of ``model`` on ``(inputs, targets)``, under ``no_grad``."""
     device_type = inputs.device.type if isinstance(inputs, Tensor) else "cpu"
@@ -124,7 +139,7 @@ def score_inputs(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with torch.no_grad(), preserved_model_state(model, mode), amp:
+    with torch.no_grad(), preserved_model_state(model, mode, modules), amp:
         small = downsample(inputs, scale_factor) if isinstance(inputs, Tensor) else inputs
         return loss_fn(model(small), targets)
 

@@ -91,7 +91,7 @@ class SelectionLog:
 
     def __init__(self, max_samples: int = 4096, seed: int = 0) -> None:
         self.max_samples = max_samples
-        self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.samples: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # losses, kept?, seen
         self.candidates = torch.zeros(0, dtype=torch.int32)
         self.kept = torch.zeros(0, dtype=torch.int32)
         self._generator = torch.Generator().manual_seed(seed)
@@ -105,13 +105,26 @@ class SelectionLog:
             self._count(ids.cpu().long(), chosen)
 
     def _sample(self, epoch: int, losses: torch.Tensor, chosen: torch.Tensor) -> None:
-        old_losses, old_chosen = self.samples.get(epoch, (torch.empty(0), torch.empty(0, dtype=torch.bool)))
-        all_losses = torch.cat([old_losses, losses])
-        all_chosen = torch.cat([old_chosen, chosen])
-        if all_losses.numel() > self.max_samples:  # keep a uniform random subset
-            keep = torch.randperm(all_losses.numel(), generator=self._generator)[: self.max_samples]
-            all_losses, all_chosen = all_losses[keep], all_chosen[keep]
-        self.samples[epoch] = (all_losses, all_chosen)
+        """Reservoir sampling (one chance per batch): every loss of the epoch is about equally
+        likely to end up in the sample."""
+        kept_losses, kept_chosen, seen = self.samples.get(
+            epoch, (torch.empty(0), torch.empty(0, dtype=torch.bool), 0)
+        )
+        room = self.max_samples - kept_losses.numel()
+        if room > 0:  # still filling up
+            kept_losses = torch.cat([kept_losses, losses[:room]])
+            kept_chosen = torch.cat([kept_chosen, chosen[:room]])
+            seen, losses, chosen = seen + min(room, losses.numel()), losses[room:], chosen[room:]
+        if losses.numel():  # each new loss replaces a random slot with chance max_samples / seen
+            chance = self.max_samples / (seen + (losses.numel() + 1) / 2)
+            take = torch.rand(losses.numel(), generator=self._generator) < chance
+            count = int(take.sum())
+            if count:
+                slots = torch.randint(self.max_samples, (count,), generator=self._generator)
+                kept_losses[slots] = losses[take]
+                kept_chosen[slots] = chosen[take]
+            seen += losses.numel()
+        self.samples[epoch] = (kept_losses, kept_chosen, seen)
 
     def _count(self, ids: torch.Tensor, chosen: torch.Tensor) -> None:
         needed = int(ids.max()) + 1 if ids.numel() else 0
@@ -129,14 +142,14 @@ class SelectionLog:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "samples": {int(e): [l.clone(), c.clone()] for e, (l, c) in self.samples.items()},
+            "samples": {int(e): [l.clone(), c.clone(), n] for e, (l, c, n) in self.samples.items()},
             "candidates": self.candidates.clone(),
             "kept": self.kept.clone(),
             "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.samples = {int(e): (v[0], v[1]) for e, v in state["samples"].items()}
+        self.samples = {int(e): (v[0], v[1], int(v[2])) for e, v in state["samples"].items()}
         self.candidates = state["candidates"].clone()
         self.kept = state["kept"].clone()
         self._generator.set_state(state["generator"])

@@ -59,7 +59,7 @@ def test_every_configuration_keeps_the_loader_invariants(
             assert unaccounted == 0, "no row lost"
         sizes = [len(b) for _, b in batches]
         full = [s for s in sizes if s != batch_size]
-        if interrupt == 0:
+        if interrupt == 0 and stats.mode != "plain":  # plain epochs pass source batches through
             assert len(full) <= (1 if last_batch == "yield" else 0), f"partial batches {sizes}"
         if stats.mode == "stale":
             assert stats.scored == 0
