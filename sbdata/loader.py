@@ -315,15 +315,28 @@ class SelectiveBatchLoader:
         }
 
     def mode(self, epoch: int | None = None) -> str:
-        """``"plain"``, ``"fresh"`` or ``"stale"``: what ``epoch`` (default: the next) does."""
+        """``"plain"``, ``"fresh"`` or ``"stale"``: what ``epoch`` (default: the next) does.
+
+        With ``stale=n``, every n-th selective epoch (the first included) is due a rescoring,
+        and runs ``"fresh"`` unless every example's cached loss is younger than ``n`` epochs
+        (kept up to date by :meth:`record`), in which case it needs no scoring pass either.
+        """
         epoch = self._epoch if epoch is None else epoch
         progress = training_progress(epoch, self.epochs)
         if self.keep >= 1.0 or not selection_active(progress, self.start, self.end):
             return PLAIN
         if self.stale is None:
             return FRESH
-        first_active = self._first_active_epoch()
-        return FRESH if (epoch - first_active) % self.stale == 0 else STALE
+        due = (epoch - self._first_active_epoch()) % self.stale == 0
+        return FRESH if due and not self._cache_is_recent(epoch) else STALE
+
+    def _cache_is_recent(self, epoch: int) -> bool:
+        """Every example has a cached loss measured less than ``stale`` epochs before ``epoch``."""
+        n = self._source.num_examples()
+        if not n:
+            return False
+        measured = self.cache.measured_epoch(torch.arange(n))
+        return bool((measured > epoch - self.stale).all()) and bool((measured >= 0).all())
 
     def __len__(self) -> int:
         sizes = self._source.batch_sizes()

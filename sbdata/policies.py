@@ -176,42 +176,52 @@ class ThresholdPolicy:
 
 
 class InfoBatchPolicy:
-    """InfoBatch-style pruning: keep every example at or above the batch's mean loss, drop a
-    random ``prune`` fraction of those below it, and up-weight the kept low-loss examples by
-    ``1 / (1 - prune)`` so the expected gradient is unchanged. The weights of the batch just
+    """InfoBatch-style pruning: keep every example at or above the mean loss, drop a random
+    ``prune`` fraction of those below it, and up-weight the kept low-loss examples by
+    ``1 / (1 - prune)`` so the expected gradient is unchanged. The mean is taken over the last
+    ``history_size`` losses the policy saw (this batch's included), an estimate of the dataset
+    mean that InfoBatch computes from its per-example scores. The weights of the batch just
     yielded are in ``SelectiveBatchLoader.batch_weights``.
     """
 
     exact = False
 
-    def __init__(self, keep: float = 0.5, *, prune: float | None = None) -> None:
+    def __init__(self, keep: float = 0.5, *, prune: float | None = None, history_size: int = 4096) -> None:
         self.prune = (1.0 - keep) if prune is None else float(prune)
         if not 0.0 <= self.prune < 1.0:
             raise ValueError(f"prune must be in [0, 1), got prune={self.prune}")
+        if history_size < 1:
+            raise ValueError(f"history_size must be a positive integer, got history_size={history_size}")
         self.keep = keep
+        self.history_size = history_size
+        self._history = torch.empty(0, dtype=torch.float64)
+        self._mean = 0.0
 
     def count(self, n: int) -> int:
         return n
 
     def select(self, losses: Tensor, generator: torch.Generator) -> Tensor:
-        values = losses.detach().double().cpu()
-        low = values < values.mean()
+        values = losses.detach().double().cpu().flatten()
+        self._history = torch.cat([self._history, values])[-self.history_size :]
+        self._mean = float(self._history.mean())
+        low = values < self._mean
         dropped = low & (torch.rand(values.numel(), generator=generator, dtype=torch.float64) < self.prune)
         return torch.nonzero(~dropped).flatten()
 
     def weigh(self, losses: Tensor, rows: Tensor) -> Tensor:
-        values = losses.detach().double().cpu()
-        low = values[rows] < values.mean()
+        """Weights of the kept ``rows`` (call right after :meth:`select` on the same losses)."""
+        low = losses.detach().double().cpu()[rows] < self._mean
         return torch.where(low, 1.0 / (1.0 - self.prune), 1.0).float()
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"history": self._history.clone(), "mean": self._mean}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self._history = state["history"].double().clone()
+        self._mean = float(state["mean"])
 
     def __repr__(self) -> str:
-        return f"InfoBatchPolicy(prune={self.prune})"
+        return f"InfoBatchPolicy(prune={self.prune}, history_size={self.history_size})"
 
 
 POLICIES: dict[str, type] = {

@@ -295,3 +295,18 @@ def test_a_policy_object_is_used_as_given_by_the_loader():
     )
     (out,) = list(sb)
     assert out[1].tolist() == [ids[p].item() for p in topk_positions(id_loss(ids).tolist(), 0.25)]
+
+
+def test_infobatch_prunes_below_the_running_mean_and_reweights_the_survivors():
+    from sbdata.policies import InfoBatchPolicy
+
+    policy = InfoBatchPolicy(prune=0.5, history_size=1000)
+    gen = torch.Generator().manual_seed(0)
+    policy.select(torch.full((500,), 10.0), gen)  # history: the dataset's losses are about 10
+    low = torch.linspace(0.0, 1.0, 400)  # a whole batch below the running mean
+    kept = policy.select(low, gen)
+    assert 0.35 < kept.numel() / 400 < 0.65, "about half of the below-mean examples dropped"
+    assert torch.all(policy.weigh(low, kept) == 2.0), "survivors weighted 1 / (1 - prune)"
+    high = torch.full((100,), 50.0)
+    assert policy.select(high, gen).numel() == 100, "above-mean examples are always kept"
+    assert torch.all(policy.weigh(high, torch.arange(100)) == 1.0)

@@ -216,3 +216,25 @@ def test_loss_cache_uses_eight_bytes_per_example_and_grows_on_demand():
     assert cache.measured_epoch(torch.tensor([5000])).item() == 3
     with pytest.raises(TypeError, match="integers"):
         cache.update(torch.tensor([1.0]), torch.tensor([1.0]), epoch=0)
+
+
+def test_a_due_rescoring_is_skipped_when_record_kept_every_loss_recent():
+    ds = CountingDataset()
+    sb, scorer = make(DataLoader(ds, batch_size=8, shuffle=True), stale=3, epochs=8, start=0.25)
+    modes = []
+    for epoch in range(8):
+        modes.append(sb.mode())
+        for x, y, idx in sb:
+            sb.record(id_loss(idx).float())
+    # Warm-up epochs 0-1 train on (and record) everything, so epoch 2 needs no scoring pass.
+    # Afterwards only selected examples are recorded: the rest age, and epoch 5 rescores.
+    assert modes == ["plain", "plain", "stale", "stale", "stale", "fresh", "stale", "stale"]
+    assert scorer.calls == N // 8
+
+
+def test_without_record_every_nth_epoch_rescores():
+    sb, scorer = make(DataLoader(CountingDataset(), batch_size=8), stale=2)
+    assert [sb.mode(e) for e in range(4)] == ["fresh", "stale", "fresh", "stale"]
+    for _ in range(4):
+        run_epoch(sb)
+    assert [s.mode for s in sb.stats.history] == ["fresh", "stale", "fresh", "stale"]
