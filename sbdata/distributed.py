@@ -11,11 +11,24 @@ a rank had ready are dropped (counted in ``stats.dropped``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_variable", "all_reduce_int", "is_distributed", "rank", "world_size"]
+from .cache import LossCache
+
+__all__ = [
+    "all_gather_variable",
+    "all_reduce_int",
+    "equal_batch_counts",
+    "is_distributed",
+    "rank",
+    "share_cache_updates",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:
@@ -64,3 +77,54 @@ def all_gather_variable(t: Tensor) -> list[Tensor]:
     gathered = [torch.zeros(longest, dtype=t.dtype, device=device) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
     return [g[: int(s.item())].cpu() for g, s in zip(gathered, sizes)]
+
+
+def equal_batch_counts(
+    stream: Iterator[Any], local_count: int | None, drop_surplus: Callable[[Any | None], None]
+) -> Iterator[Any]:
+    """Yield from ``stream`` so that every rank yields the same number of batches.
+
+    ``local_count`` is the number of batches this rank's stream will yield, or ``None`` when
+    it cannot be known in advance (probabilistic policies). If every rank knows its count, all
+    stop at the smallest; otherwise the ranks agree batch by batch and stop as soon as one
+    runs out. ``drop_surplus(batch)`` is told about the batch (``None``: the rows still
+    buffered) a rank had ready when it had to stop. ``stream`` is closed either way.
+    """
+    known = -1 if local_count is None else local_count
+    low, high = all_reduce_int(known, "min"), all_reduce_int(known, "max")
+    try:
+        if low >= 0:
+            yielded = 0
+            for batch in stream:
+                if yielded == low:
+                    drop_surplus(batch)
+                    return
+                yielded += 1
+                yield batch
+            if high != low:
+                drop_surplus(None)
+            return
+        for batch in stream:
+            if all_reduce_int(1, "min") == 0:  # another rank ran out
+                drop_surplus(batch)
+                return
+            yield batch
+        all_reduce_int(0, "min")  # tell the others this rank ran out
+    finally:
+        stream.close()  # type: ignore[attr-defined]
+
+
+def share_cache_updates(cache: LossCache, pending: list[tuple[Tensor, Tensor, int]]) -> None:
+    """All-gather every rank's ``(ids, losses, epoch)`` cache updates and apply them all, in
+    rank order, so every rank ends with the same cache. Ids travel as ``int64``, losses as
+    ``float32`` and epochs as ``int32``, in three tensors."""
+    ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
+    losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
+    epochs = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
+    all_ids = all_gather_variable(ids.long())
+    all_losses = all_gather_variable(losses.float())
+    all_epochs = all_gather_variable(torch.cat(epochs) if epochs else torch.empty(0, dtype=torch.int32))
+    for r_ids, r_losses, r_epochs in zip(all_ids, all_losses, all_epochs):
+        for epoch in torch.unique(r_epochs).tolist():
+            mask = r_epochs == epoch
+            cache.update(r_ids[mask], r_losses[mask], int(epoch))

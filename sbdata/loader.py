@@ -435,47 +435,21 @@ class SelectiveBatchLoader:
         """Yield the same number of batches on every rank (NOTE [ Equal batches on every rank ])."""
         try:
             exact = self.policy.exact or stats.mode == PLAIN
-            local = len(self) - stats.batches if exact else -1  # a resumed epoch has yielded some
+            local = len(self) - stats.batches if exact else None  # a resumed epoch yielded some
         except TypeError:
-            local = -1
-        low = dist_utils.all_reduce_int(local, "min")
-        high = dist_utils.all_reduce_int(local, "max")
-        yielded = 0
-        try:
-            if low >= 0:  # every rank knows its count: stop all at the smallest
-                for batch in stream:
-                    if yielded == low:
-                        stats.dropped += batch_length(batch) + len(self._repacker)
-                        self._repacker.clear()
-                        return
-                    yielded += 1
-                    yield batch
-                return
-            for batch in stream:  # probabilistic counts: agree batch by batch
-                if dist_utils.all_reduce_int(1, "min") == 0:
-                    stats.dropped += batch_length(batch) + len(self._repacker)
-                    self._repacker.clear()
-                    return
-                yield batch
-            dist_utils.all_reduce_int(0, "min")  # tell the others this rank ran out
-        finally:
-            stream.close()  # type: ignore[attr-defined]
+            local = None
+
+        def drop_surplus(batch: Any | None) -> None:
+            stats.dropped += (batch_length(batch) if batch is not None else 0) + len(self._repacker)
+            self._repacker.clear()
+
+        yield from dist_utils.equal_batch_counts(stream, local, drop_surplus)
 
     def _sync_cache(self) -> None:
         """Send this epoch's cache updates to every rank and apply all of them in rank order."""
         pending, self._pending = self._pending, []
-        if not dist_utils.is_distributed():
-            return
-        ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
-        losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
-        epochs = torch.cat([torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]) if pending else torch.empty(0, dtype=torch.int32)
-        all_ids = dist_utils.all_gather_variable(ids.long())
-        all_losses = dist_utils.all_gather_variable(losses.float())
-        all_epochs = dist_utils.all_gather_variable(epochs)
-        for r_ids, r_losses, r_epochs in zip(all_ids, all_losses, all_epochs):
-            for epoch in torch.unique(r_epochs).tolist():
-                mask = r_epochs == epoch
-                self.cache.update(r_ids[mask], r_losses[mask], epoch)
+        if dist_utils.is_distributed():
+            dist_utils.share_cache_updates(self.cache, pending)
 
     def _cache_update(self, ids: Tensor, losses: Tensor) -> None:
         self.cache.update(ids, losses, self._current_epoch)

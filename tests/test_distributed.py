@@ -134,3 +134,18 @@ def test_gathered_ids_stay_exact_64_bit_integers():
     assert [t.dtype for t in g] == [torch.int64, torch.int64]
     assert g[0].tolist() == [2**40, 2**40 + 1, 2**40 + 2]
     assert g[1].tolist() == [2**40 + 10 + k for k in range(4)]
+
+
+def _uneven_worker(rank: int, world: int):
+    data = IndexedPairs(40 if rank == 0 else 56)  # shards of different sizes: counts differ
+    sb = SelectiveBatchLoader(DataLoader(data, batch_size=8), Echo(), keep=0.5, loss_fn=loss_from_x)
+    own = len(sb)
+    batches = sum(1 for _ in sb)
+    return {"own_len": own, "batches": batches, "dropped": sb.stats.history[-1].dropped}
+
+
+def test_ranks_with_uneven_shards_stop_together_and_count_the_surplus():
+    r0, r1 = run_on_two_ranks(_uneven_worker)
+    assert (r0["own_len"], r1["own_len"]) == (5, 7)
+    assert r0["batches"] == r1["batches"] == 5
+    assert r0["dropped"] == 0 and r1["dropped"] > 0
