@@ -155,8 +155,9 @@ def train(
             (the DataLoader is iterated directly).
         epochs: this method's own epoch budget; the LR schedule spans it.
         seed: seeds the weights, the shuffling and the selection.
-        record: feed the training losses back with ``sb.record()`` (stale recipes use these
-            instead of scoring passes).
+        record: feed the training losses back with ``sb.record()`` after every batch of every
+            epoch, plain (warm-up) epochs included: stale recipes use these instead of scoring
+            passes, and a cache filled before the first selective epoch spares its scoring pass.
         progress: a tqdm-like bar to ``update(1)`` after every epoch, or ``None``.
     """
     x_train, y_train, x_test, y_test = data
