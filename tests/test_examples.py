@@ -1,0 +1,86 @@
+"""The examples run end to end, and the benchmark datasets have the promised shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_smoke_run_trains_both_ways_and_prints_both_accuracies(tmp_path):
+    pytest.importorskip("mnist1d")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke", "--data-dir", str(tmp_path)],
+        cwd=tmp_path,  # the script must not depend on the working directory or write into it
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"quickstart failed:\n{result.stdout}\n{result.stderr}"
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("plain") and "test accuracy" in line for line in lines), result.stdout
+    assert any(line.startswith("selective") and "test accuracy" in line for line in lines), result.stdout
+    assert list(tmp_path.glob("mnist1d-*.npz")), "the generated data set was not cached in --data-dir"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".npz")) == []
+
+
+def test_load_mnist1d_gives_float_signals_and_int_labels_and_caches_them(tmp_path):
+    pytest.importorskip("mnist1d")
+    from sbdata.datasets import load_mnist1d
+
+    x_train, y_train, x_test, y_test = load_mnist1d(num_samples=200, seed=3, cache_dir=tmp_path)
+    assert x_train.shape == (160, 1, 40) and x_test.shape == (40, 1, 40)
+    assert x_train.dtype == x_test.dtype == torch.float32
+    assert y_train.shape == (160,) and y_test.shape == (40,)
+    assert y_train.dtype == y_test.dtype == torch.int64
+    assert set(torch.cat([y_train, y_test]).tolist()) <= set(range(10))
+    assert (tmp_path / "mnist1d-n200-seed3.npz").exists()
+
+    again = load_mnist1d(num_samples=200, seed=3, cache_dir=tmp_path)  # from the cache
+    for a, b in zip((x_train, y_train, x_test, y_test), again):
+        assert torch.equal(a, b)
+
+
+def test_load_mnist1d_leaves_the_global_numpy_generator_alone(tmp_path):
+    pytest.importorskip("mnist1d")
+    import numpy as np
+
+    from sbdata.datasets import load_mnist1d
+
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    load_mnist1d(num_samples=100, seed=0, cache_dir=tmp_path)
+    assert np.random.rand() == expected
+
+
+def test_load_mnist1d_rejects_a_sample_count_that_is_not_a_multiple_of_ten(tmp_path):
+    from sbdata.datasets import load_mnist1d
+
+    with pytest.raises(ValueError, match="num_samples"):
+        load_mnist1d(num_samples=105, cache_dir=tmp_path)
+
+
+def test_load_digits_gives_8x8_images_in_unit_range_with_a_seeded_split():
+    pytest.importorskip("sklearn")
+    from sbdata.datasets import load_digits
+
+    x_train, y_train, x_test, y_test = load_digits(test_fraction=0.25, seed=0)
+    assert x_train.shape[1:] == x_test.shape[1:] == (1, 8, 8)
+    assert len(x_train) + len(x_test) == 1797 and len(x_test) == round(0.25 * 1797)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    assert 0.0 <= float(x_train.min()) and float(x_train.max()) <= 1.0
+    assert len(y_train) == len(x_train) and len(y_test) == len(x_test)
+
+    same = load_digits(test_fraction=0.25, seed=0)
+    other = load_digits(test_fraction=0.25, seed=1)
+    assert torch.equal(same[3], y_test)
+    assert not torch.equal(other[2], x_test)
