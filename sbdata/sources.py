@@ -112,11 +112,14 @@ class Source:
             _close_iterator(it)
 
     def candidates(self) -> list[Tensor]:
-        raise NotImplementedError
+        """This epoch's id batches before loading; only sources with ``can_filter``."""
+        raise RuntimeError(f"{type(self).__name__} cannot list an epoch's ids before loading it")
 
     @contextlib.contextmanager
     def load(self, plan: Sequence[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
-        raise NotImplementedError
+        """Load exactly ``plan``'s id batches; only sources with ``can_filter``."""
+        raise RuntimeError(f"{type(self).__name__} cannot load a chosen subset of ids")
+        yield iter(())  # unreachable: makes this a generator for contextmanager
 
 
 def _dataloader_batch_sizes(loader: Any) -> list[int] | None:
@@ -255,15 +258,6 @@ class DataLoaderSource(Source):
 
     def set_epoch(self, epoch: int) -> None:
         forward_set_epoch(self.original, epoch)
-
-    def batch_size(self) -> int | None:
-        return self.sampler.batch_size
-
-    def num_examples(self) -> int | None:
-        try:
-            return len(self.original.dataset)  # type: ignore[arg-type]
-        except TypeError:
-            return None
 
     def batch_sizes(self) -> list[int] | None:
         computed = _dataloader_batch_sizes(self.original)

@@ -15,13 +15,9 @@ from .distributed_helpers import run_on_two_ranks
 N = 96
 
 
-def IdDataset() -> IndexedPairs:
-    return IndexedPairs(N)
-
-
 def make(rank: int, world: int, **kw):
-    sampler = DistributedSampler(IdDataset(), num_replicas=world, rank=rank, shuffle=True, seed=4)
-    loader = DataLoader(IdDataset(), batch_size=8, sampler=sampler)
+    sampler = DistributedSampler(IndexedPairs(N), num_replicas=world, rank=rank, shuffle=True, seed=4)
+    loader = DataLoader(IndexedPairs(N), batch_size=8, sampler=sampler)
     kw.setdefault("keep", 0.5)
     return SelectiveBatchLoader(loader, Echo(), loss_fn=loss_from_x, **kw)
 

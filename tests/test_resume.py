@@ -15,18 +15,11 @@ from .conftest import Echo, IndexedPairs, loss_from_x
 N = 90
 
 
-def IdDataset() -> IndexedPairs:
-    return IndexedPairs(N)
-
-
-id_loss = loss_from_x
-
-
 def dataloader(**kw):
     # A DistributedSampler over one replica: its shuffle depends only on (seed, epoch), which
     # sbdata forwards, so the data order needs no state of its own to resume.
-    sampler = DistributedSampler(IdDataset(), num_replicas=1, rank=0, shuffle=True, seed=7)
-    return DataLoader(IdDataset(), batch_size=8, sampler=sampler, **kw)
+    sampler = DistributedSampler(IndexedPairs(N), num_replicas=1, rank=0, shuffle=True, seed=7)
+    return DataLoader(IndexedPairs(N), batch_size=8, sampler=sampler, **kw)
 
 
 CONFIGS = {
@@ -38,7 +31,7 @@ CONFIGS = {
 
 
 def make(config: str, loader=None) -> SelectiveBatchLoader:
-    return SelectiveBatchLoader(loader or dataloader(), Echo(), keep=0.4, loss_fn=id_loss, **CONFIGS[config])
+    return SelectiveBatchLoader(loader or dataloader(), Echo(), keep=0.4, loss_fn=loss_from_x, **CONFIGS[config])
 
 
 def ids_of(batches) -> list[list[int]]:
@@ -120,23 +113,23 @@ def test_a_stateful_dataloader_source_resumes_mid_epoch_in_fresh_mode():
 
     def loader():
         return torchdata.StatefulDataLoader(
-            IdDataset(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)
+            IndexedPairs(N), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)
         )
 
-    reference = SelectiveBatchLoader(loader(), Echo(), keep=0.5, loss_fn=id_loss, policy="rank")
+    reference = SelectiveBatchLoader(loader(), Echo(), keep=0.5, loss_fn=loss_from_x, policy="rank")
     it = iter(reference)
     [next(it) for _ in range(2)]
     state = save_and_load(reference.state_dict())
     assert state["per_rank"][0]["position"]["source_state"], "the source's own position is saved"
     expected = ids_of(it)
-    resumed = SelectiveBatchLoader(loader(), Echo(), keep=0.5, loss_fn=id_loss, policy="rank")
+    resumed = SelectiveBatchLoader(loader(), Echo(), keep=0.5, loss_fn=loss_from_x, policy="rank")
     resumed.load_state_dict(state)
     assert ids_of(resumed) == expected
 
 
 def test_a_plain_list_of_batches_is_fast_forwarded():
     batches = [(torch.arange(i, i + 6).float()[:, None].repeat(1, 2), torch.zeros(6, dtype=torch.long), torch.arange(i, i + 6)) for i in range(0, 60, 6)]
-    make_list = lambda: SelectiveBatchLoader(batches, Echo(), keep=0.5, loss_fn=id_loss, policy="topk", batch_size=4)  # noqa: E731
+    make_list = lambda: SelectiveBatchLoader(batches, Echo(), keep=0.5, loss_fn=loss_from_x, policy="topk", batch_size=4)  # noqa: E731
     reference = make_list()
     it = iter(reference)
     [next(it) for _ in range(3)]
@@ -149,15 +142,15 @@ def test_a_plain_list_of_batches_is_fast_forwarded():
 
 def test_a_state_from_a_different_dataset_size_is_refused():
     state = make("fresh-rank").state_dict()
-    other = DataLoader([IdDataset()[i] for i in range(50)], batch_size=8)
-    loader = SelectiveBatchLoader(other, Echo(), keep=0.4, loss_fn=id_loss, policy="rank")
+    other = DataLoader([IndexedPairs(N)[i] for i in range(50)], batch_size=8)
+    loader = SelectiveBatchLoader(other, Echo(), keep=0.4, loss_fn=loss_from_x, policy="rank")
     with pytest.raises(ValueError, match="num_examples=90"):
         loader.load_state_dict(state)
 
 
 def test_a_state_with_another_keep_or_version_is_refused():
     state = make("fresh-rank").state_dict()
-    other = SelectiveBatchLoader(dataloader(), Echo(), keep=0.5, loss_fn=id_loss, policy="rank")
+    other = SelectiveBatchLoader(dataloader(), Echo(), keep=0.5, loss_fn=loss_from_x, policy="rank")
     with pytest.raises(ValueError, match="keep=0.4"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="format version"):

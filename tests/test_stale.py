@@ -16,15 +16,8 @@ from .conftest import Echo, IndexedPairs, id_loss, loss_from_x
 N = 96
 
 
-def CountingDataset(n: int = N) -> IndexedPairs:
-    return IndexedPairs(n)
-
-
-CountingScorer = Echo
-
-
 def make(loader, **kw):
-    scorer = CountingScorer()
+    scorer = Echo()
     kw.setdefault("keep", 0.5)
     kw.setdefault("stale", 3)
     kw.setdefault("loss_fn", loss_from_x)
@@ -45,7 +38,7 @@ def run_epoch(sb):
 
 
 def test_rescoring_epochs_load_and_score_everything_stale_epochs_neither():
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     sb, scorer = make(DataLoader(ds, batch_size=8, shuffle=True))
     assert [sb.mode(e) for e in range(6)] == ["fresh", "stale", "stale", "fresh", "stale", "stale"]
     for epoch in range(6):
@@ -65,7 +58,7 @@ def test_rescoring_epochs_load_and_score_everything_stale_epochs_neither():
 
 
 def test_stale_selection_follows_the_cached_losses():
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     sb, _ = make(DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1)))
     run_epoch(sb)  # fresh: fills the cache
     cached, known = sb.cache.lookup(torch.arange(N))
@@ -76,7 +69,7 @@ def test_stale_selection_follows_the_cached_losses():
 
 
 def test_stale_epochs_follow_the_users_sampler_order_and_batches():
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     sampler_gen = torch.Generator().manual_seed(5)
     loader = DataLoader(ds, batch_size=8, shuffle=True, generator=sampler_gen)
     sb, _ = make(loader)
@@ -95,7 +88,7 @@ def test_stale_epochs_follow_the_users_sampler_order_and_batches():
 
 @pytest.mark.parametrize("persistent", [False, True])
 def test_stale_mode_with_two_workers_keeps_ids_paired(persistent):
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, persistent_workers=persistent)
     sb, scorer = make(loader)
     for epoch in range(3):
@@ -111,7 +104,7 @@ def test_stale_mode_with_two_workers_keeps_ids_paired(persistent):
 
 
 def test_record_updates_the_cache_and_needs_no_scoring_after_the_first_epoch():
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     sb, scorer = make(DataLoader(ds, batch_size=8, shuffle=True), stale=100)
     for epoch in range(4):
         for x, y, idx in sb:
@@ -123,7 +116,7 @@ def test_record_updates_the_cache_and_needs_no_scoring_after_the_first_epoch():
 
 
 def test_record_rejects_bad_losses():
-    sb, _ = make(DataLoader(CountingDataset(), batch_size=8))
+    sb, _ = make(DataLoader(IndexedPairs(N), batch_size=8))
     with pytest.raises(RuntimeError, match="record"):
         sb.record(torch.zeros(8))
     it = iter(sb)
@@ -156,7 +149,7 @@ def test_batches_that_carry_ids_skip_scoring_in_stale_epochs_even_when_loading_c
 
 
 def test_len_is_exact_in_stale_epochs_with_a_short_last_batch_and_interrupts():
-    ds = CountingDataset(n=90)
+    ds = IndexedPairs(90)
     for last_batch in ("yield", "drop", "carry"):
         sb, _ = make(DataLoader(ds, batch_size=8, shuffle=True), policy="rank", interrupt=3, last_batch=last_batch)
         for _ in range(4):
@@ -165,7 +158,7 @@ def test_len_is_exact_in_stale_epochs_with_a_short_last_batch_and_interrupts():
 
 
 def test_set_epoch_reaches_the_users_distributed_sampler():
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     sampler = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=3)
     sb, _ = make(DataLoader(ds, batch_size=8, sampler=sampler))
     orders = []
@@ -177,7 +170,7 @@ def test_set_epoch_reaches_the_users_distributed_sampler():
 
 
 def test_in_order_false_is_turned_back_on_with_a_warning():
-    loader = DataLoader(CountingDataset(), batch_size=8, num_workers=2, in_order=False)
+    loader = DataLoader(IndexedPairs(N), batch_size=8, num_workers=2, in_order=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sb, _ = make(loader)
@@ -197,7 +190,7 @@ def test_the_rebuilt_loader_keeps_the_users_arguments():
         torch.manual_seed(worker_id)
 
     loader = DataLoader(
-        CountingDataset(), batch_size=8, num_workers=2, collate_fn=collate, worker_init_fn=init,
+        IndexedPairs(N), batch_size=8, num_workers=2, collate_fn=collate, worker_init_fn=init,
         prefetch_factor=3, persistent_workers=True, timeout=30,
     )
     sb, _ = make(loader)
@@ -219,7 +212,7 @@ def test_loss_cache_uses_eight_bytes_per_example_and_grows_on_demand():
 
 
 def test_a_due_rescoring_is_skipped_when_record_kept_every_loss_recent():
-    ds = CountingDataset()
+    ds = IndexedPairs(N)
     sb, scorer = make(DataLoader(ds, batch_size=8, shuffle=True), stale=3, epochs=8, start=0.25)
     modes = []
     for epoch in range(8):
@@ -233,7 +226,7 @@ def test_a_due_rescoring_is_skipped_when_record_kept_every_loss_recent():
 
 
 def test_without_record_every_nth_epoch_rescores():
-    sb, scorer = make(DataLoader(CountingDataset(), batch_size=8), stale=2)
+    sb, scorer = make(DataLoader(IndexedPairs(N), batch_size=8), stale=2)
     assert [sb.mode(e) for e in range(4)] == ["fresh", "stale", "fresh", "stale"]
     for _ in range(4):
         run_epoch(sb)
