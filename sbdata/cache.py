@@ -13,9 +13,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LossCache"]
+__all__ = ["LossCache", "grown"]
 
 _NEVER = -1  # epoch stored for ids that were never measured
+
+
+def grown(table: Tensor, needed: int, fill: float | int = 0) -> Tensor:
+    """``table`` itself if it holds ``needed`` entries, else a copy at least twice as long
+    (and at least 1024), the new tail set to ``fill``: amortised O(1) growth per id."""
+    if needed <= table.numel():
+        return table
+    out = torch.full((max(needed, 2 * table.numel(), 1024),), fill, dtype=table.dtype)
+    out[: table.numel()] = table
+    return out
 
 
 class LossCache:
@@ -34,14 +44,7 @@ class LossCache:
         return self._loss.element_size() * self._loss.numel() + self._epoch.element_size() * self._epoch.numel()
 
     def _grow(self, needed: int) -> None:
-        if needed <= len(self):
-            return
-        size = max(needed, 2 * len(self), 1024)
-        loss = torch.zeros(size, dtype=torch.float32)
-        epoch = torch.full((size,), _NEVER, dtype=torch.int32)
-        loss[: len(self)] = self._loss
-        epoch[: len(self)] = self._epoch
-        self._loss, self._epoch = loss, epoch
+        self._loss, self._epoch = grown(self._loss, needed), grown(self._epoch, needed, _NEVER)
 
     @staticmethod
     def _as_ids(ids: Tensor) -> Tensor:

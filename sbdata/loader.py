@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .batches import Key, batch_length, get_field, to_device
 from . import distributed as dist_utils
 from .cache import LossCache
-from .policies import SelectionPolicy, make_policy
+from .policies import SelectionPolicy, make_policy, select_each
 from .planning import EpochPlan, cut_plan, share_selection
 from .repack import Repacker, count_output_batches
 from .schedule import is_interrupt_batch, selection_active, training_progress
@@ -481,7 +481,7 @@ class SelectiveBatchLoader:
                 rows = self.policy.select(losses, self.generator)
                 stats.selected += rows.numel()
                 self.selection_log.observe(stats.epoch, losses, rows, ids)
-                yield from self._emit(batch, ids, rows, stats, self._weights(losses, rows, n))
+                yield from self._emit(batch, n, ids, rows, stats, self._weights(losses, rows, n))
         if resume is None and self._source.batch_sizes() is None:
             self._source.observe_sizes(sizes)
 
@@ -517,7 +517,7 @@ class SelectiveBatchLoader:
                     continue
                 batch = to_device(batch, self.device)
                 weight = None if weight is None else weight.to(self.device)
-                yield from self._emit(batch, ids, torch.arange(n), stats, weight)
+                yield from self._emit(batch, n, ids, torch.arange(n), stats, weight)
 
     def _stale_plan(self, stats: EpochStats) -> EpochPlan:
         """The id batches to load this stale epoch (see :mod:`sbdata.planning`).
@@ -530,11 +530,21 @@ class SelectiveBatchLoader:
         per_rank, generator = self._global_candidates(local)
         weigh = getattr(self.policy, "weigh", None)
 
-        def pick(ids: Tensor) -> tuple[Tensor, Tensor | None]:
-            losses = self._cached_losses(ids)
-            rows = self.policy.select(losses, generator)
-            self.selection_log.observe(stats.epoch, losses, rows, ids)
-            return rows, (weigh(losses, rows).float().cpu() if callable(weigh) else None)
+        def pick(batches: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+            if not batches:
+                return []
+            sizes = [b.numel() for b in batches]
+            ids = torch.cat(batches)
+            parts = list(torch.split(self._cached_losses(ids, sizes), sizes))
+            if callable(weigh):  # weigh() reads state select() just set: one batch at a time
+                rows = [self.policy.select(part, generator) for part in parts]
+                weights = [weigh(part, r).float().cpu() for part, r in zip(parts, rows)]
+            else:
+                rows, weights = select_each(self.policy, parts, generator), [None] * len(parts)
+            offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+            flat = torch.cat([r + offset for r, offset in zip(rows, offsets)])
+            self.selection_log.observe(stats.epoch, torch.cat(parts), flat, ids)
+            return list(zip(rows, weights))
 
         shares, equal = share_selection(per_rank, pick, self.interrupt)
         stats.selected += sum(part.numel() for share in shares for _, part, _ in share) // len(shares)
@@ -627,16 +637,19 @@ class SelectiveBatchLoader:
         weights[rows] = weigh(losses, rows).float().cpu()
         return weights.to(self.device)
 
-    def _cached_losses(self, ids: Tensor) -> Tensor:
-        """Cached losses of ``ids``; ids never measured rank above every measured one."""
+    def _cached_losses(self, ids: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """Cached losses of ``ids`` (source batches of ``sizes``, default one batch); ids never
+        measured rank above every measured one of their batch."""
         losses, known = self.cache.lookup(ids)
-        if not bool(known.all()):
-            top = float(losses[known].max()) if bool(known.any()) else 0.0
-            losses[~known] = top + 1.0
+        if bool(known.all()):
+            return losses
+        for part, seen in zip(torch.split(losses, sizes or [ids.numel()]), torch.split(known, sizes or [ids.numel()])):
+            top = float(part[seen].max()) if bool(seen.any()) else 0.0
+            part[~seen] = top + 1.0  # a view: fills ``losses``
         return losses
 
     def _emit(
-        self, batch: Any, ids: Tensor | None, rows: Tensor, stats: EpochStats, weights: Tensor | None = None
+        self, batch: Any, n: int, ids: Tensor | None, rows: Tensor, stats: EpochStats, weights: Tensor | None = None
     ) -> Iterator[Any]:
         """Hand out the selected ``rows`` of ``batch``: as they are if they make exactly one
         full batch, else through the re-pack buffer (NOTE [ One copy, no views ])."""
@@ -645,29 +658,29 @@ class SelectiveBatchLoader:
             packed["ids"] = ids
         if weights is not None:
             packed["weights"] = weights
-        whole = rows.numel() == self.batch_size and len(self._repacker) == 0 and batch_length(batch) == rows.numel()
+        whole = rows.numel() == self.batch_size == n and len(self._repacker) == 0
         recycled = getattr(self._source, "recycles_buffers", False)  # FFCV: a view into its buffers
         if whole and not recycled and bool((rows == torch.arange(rows.numel())).all()):
-            yield self._hand_out(packed, stats)  # already one full batch: no copy
+            yield self._hand_out(packed, stats, n)  # already one full batch: no copy
             return
         self._ready.extend(self._repacker.add(packed, rows))
         yield from self._drain_ready(stats)
 
     def _drain_ready(self, stats: EpochStats) -> Iterator[Any]:
         while self._ready:
-            yield self._hand_out(self._ready.popleft(), stats)
+            yield self._hand_out(self._ready.popleft(), stats, self.batch_size)  # full ones only
 
     def _pass_through(self, batch: Any, ids: Tensor | None, n: int, stats: EpochStats) -> Iterator[Any]:
         stats.passed_through += n
         packed = {"batch": batch} if ids is None else {"batch": batch, "ids": ids}
         if getattr(self._source, "recycles_buffers", False):  # FFCV reuses its buffers: copy
             packed = Repacker(n).add(packed, torch.arange(n))[0]
-        yield self._hand_out(packed, stats)
+        yield self._hand_out(packed, stats, n)
 
-    def _hand_out(self, packed: dict[str, Any], stats: EpochStats) -> Any:
+    def _hand_out(self, packed: dict[str, Any], stats: EpochStats, size: int | None = None) -> Any:
         batch = packed["batch"]
         self._last_ids = packed.get("ids")
-        self._last_size = size = batch_length(batch)
+        self._last_size = size = batch_length(batch) if size is None else size
         self.batch_weights = packed.get("weights")
         self._last_recorded = False
         stats.yielded += size

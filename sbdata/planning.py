@@ -19,8 +19,8 @@ __all__ = ["EpochPlan", "Share", "cut_plan", "share_selection"]
 
 #: one source batch's part of a rank's selection: (batch index, ids, weights or None)
 Share = list[tuple[int, Tensor, "Tensor | None"]]
-#: picks rows of one candidate batch: ids -> (kept positions, weights of the kept or None)
-Picker = Callable[[Tensor], tuple[Tensor, "Tensor | None"]]
+#: picks rows of candidate batches: [ids per batch] -> [(kept positions, weights of the kept or None)]
+Picker = Callable[[list[Tensor]], list[tuple[Tensor, "Tensor | None"]]]
 
 
 @dataclass
@@ -53,23 +53,28 @@ def share_selection(
 ) -> tuple[list[Share], int]:
     """Select from every rank's candidate batches and deal the result out evenly.
 
-    Source batch ``i`` of every rank is picked in rank order; the ids kept from it are dealt
-    round-robin (rank ``r`` takes every ``world``-th, starting at ``r``). Returns each rank's
-    share and the number of ids every share can keep so that all are equally long.
+    ``pick`` gets every candidate batch that is not an ``interrupt`` batch in one list, source
+    batch ``i`` of every rank in rank order, then ``i + 1``, and so on (one call, so a policy
+    can decide them all at once). The ids kept from source batch ``i`` are dealt round-robin
+    (rank ``r`` takes every ``world``-th, starting at ``r``). Returns each rank's share and the
+    number of ids every share can keep so that all are equally long.
     """
     world = len(per_rank)
+    order = [
+        (i, candidates[i])
+        for i in range(max((len(c) for c in per_rank), default=0))
+        if not is_interrupt_batch(i, interrupt)
+        for candidates in per_rank
+        if i < len(candidates)
+    ]
+    picked = pick([ids for _, ids in order])
+    by_batch: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
+    for (i, ids), (rows, weight) in zip(order, picked):
+        by_batch.setdefault(i, []).append((ids[rows], weight))
     shares: list[Share] = [[] for _ in range(world)]
-    for i in range(max((len(c) for c in per_rank), default=0)):
-        if is_interrupt_batch(i, interrupt):
-            continue
-        kept, weights = [], []
-        for candidates in per_rank:
-            if i < len(candidates):
-                rows, w = pick(candidates[i])
-                kept.append(candidates[i][rows])
-                weights.append(w)
-        ids = torch.cat(kept)
-        weight = torch.cat(weights) if weights and weights[0] is not None else None  # type: ignore[arg-type]
+    for i, parts in by_batch.items():
+        ids = torch.cat([kept for kept, _ in parts])
+        weight = torch.cat([w for _, w in parts]) if parts[0][1] is not None else None  # type: ignore[misc]
         for r in range(world):
             shares[r].append((i, ids[r::world], None if weight is None else weight[r::world]))
     equal = min(sum(part.numel() for _, part, _ in share) for share in shares)

@@ -26,6 +26,7 @@ __all__ = [
     "num_kept",
     "random_select",
     "rank_select",
+    "select_each",
     "threshold_select",
     "topk_select",
 ]
@@ -55,6 +56,43 @@ def topk_select(losses: Tensor, keep: float) -> Tensor:
     k = num_kept(losses.numel(), keep)
     order = torch.argsort(losses.detach().float().cpu(), descending=True, stable=True)
     return torch.sort(order[:k]).values
+
+
+def _by_size(losses: list[Tensor]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, batch in enumerate(losses):
+        groups.setdefault(batch.numel(), []).append(i)
+    return groups
+
+
+def _select_rows(losses: list[Tensor], choose: Any) -> list[Tensor]:
+    """Apply ``choose(stacked [B, n] losses) -> [B, k] sorted positions`` to equally long
+    batches at once, one group per batch length, and split the result back per batch."""
+    out: list[Tensor] = [torch.empty(0, dtype=torch.long)] * len(losses)
+    for _, members in _by_size(losses).items():
+        stacked = torch.stack([losses[i].detach().float().cpu().flatten() for i in members])
+        for i, rows in zip(members, choose(stacked)):
+            out[i] = rows
+    return out
+
+
+def rank_select_rows(losses: Tensor, keep: float, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`rank_select` on every row of a ``[B, n]`` loss matrix at once: ``[B, k]``."""
+    b, n = losses.shape
+    k = num_kept(n, keep)
+    if k == 0:
+        return torch.empty(b, 0, dtype=torch.long)
+    order = torch.argsort(losses, dim=1, stable=True)
+    weights = ((torch.arange(n, dtype=torch.float64) + 0.5) / n) ** (1.0 / keep - 1.0)
+    picked_ranks = torch.multinomial(weights.expand(b, n), k, replacement=False, generator=generator)
+    return torch.sort(torch.gather(order, 1, picked_ranks), dim=1).values
+
+
+def topk_select_rows(losses: Tensor, keep: float) -> Tensor:
+    """:func:`topk_select` on every row of a ``[B, n]`` loss matrix at once: ``[B, k]``."""
+    k = num_kept(losses.shape[1], keep)
+    order = torch.argsort(losses, dim=1, descending=True, stable=True)
+    return torch.sort(order[:, :k], dim=1).values
 
 
 def random_select(n: int, keep: float, generator: torch.Generator | None = None) -> Tensor:
@@ -124,12 +162,18 @@ class RankPolicy(_StatelessPolicy):
     def select(self, losses: Tensor, generator: torch.Generator) -> Tensor:
         return rank_select(losses, self.keep, generator)
 
+    def select_many(self, losses: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+        return _select_rows(losses, lambda stacked: rank_select_rows(stacked, self.keep, generator))
+
 
 class TopKPolicy(_StatelessPolicy):
     """The ``int(keep * n)`` highest losses."""
 
     def select(self, losses: Tensor, generator: torch.Generator) -> Tensor:
         return topk_select(losses, self.keep)
+
+    def select_many(self, losses: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+        return _select_rows(losses, lambda stacked: topk_select_rows(stacked, self.keep))
 
 
 class RandomPolicy(_StatelessPolicy):
@@ -222,6 +266,20 @@ class InfoBatchPolicy:
 
     def __repr__(self) -> str:
         return f"InfoBatchPolicy(prune={self.prune}, history_size={self.history_size})"
+
+
+def select_each(policy: SelectionPolicy, losses: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """``policy.select`` on each batch of ``losses``, in order.
+
+    A policy with a ``select_many`` method (rank, top-k) decides all batches at once, which is
+    what makes planning a stale epoch cheap (one vectorised draw instead of one per source
+    batch); the draws then differ from per-batch calls but follow the same distribution.
+    Any other policy, stateful ones included, is called batch by batch in order.
+    """
+    select_many = getattr(policy, "select_many", None)
+    if callable(select_many):
+        return select_many(losses, generator)
+    return [policy.select(batch, generator) for batch in losses]
 
 
 POLICIES: dict[str, type] = {

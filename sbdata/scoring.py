@@ -183,19 +183,14 @@ def check_losses(
             f"{source} must return one loss per example, shape [{n}], got shape "
             f"{list(losses.shape)}; {hint}"
         )
-    bad = ~torch.isfinite(losses.detach())
-    if bool(bad.any()) and nonfinite != "raise":
+    if bool(torch.isfinite(losses.detach()).all()):
+        return losses.detach()
+    if nonfinite != "raise":
         return replace_nonfinite(losses.detach(), nonfinite)
-    if bool(bad.any()):
-        where = torch.nonzero(bad.cpu()).flatten()
-        named = (
-            f"example ids {ids.cpu()[where].tolist()[:10]}"
-            if ids is not None
-            else f"batch positions {where.tolist()[:10]}"
-        )
-        raise ValueError(
-            f"{source} returned {int(bad.sum())} non-finite (NaN or infinite) losses at {named}; "
-            "fix the model or data (a diverged model, a bad label) before selecting on them, or "
-            "pass nonfinite='lowest' or 'highest' to rank them instead"
-        )
-    return losses.detach()
+    where = torch.nonzero(~torch.isfinite(losses.detach().cpu())).flatten()
+    named = f"example ids {ids.cpu()[where].tolist()[:10]}" if ids is not None else f"batch positions {where.tolist()[:10]}"
+    raise ValueError(
+        f"{source} returned {where.numel()} non-finite (NaN or infinite) losses at {named}; "
+        "fix the model or data (a diverged model, a bad label) before selecting on them, or "
+        "pass nonfinite='lowest' or 'highest' to rank them instead"
+    )

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from .cache import grown
 
 __all__ = ["EpochStats", "LoaderStats", "SelectionLog"]
 
@@ -83,73 +86,114 @@ class LoaderStats:
 class SelectionLog:
     """What the selection looked like, for :func:`sbdata.plot.selection_report`.
 
-    Per epoch, a sample of up to ``max_samples`` scored (or cached) losses with whether each was
+    Per epoch, a sample of about ``max_samples`` scored (or cached) losses with whether each was
     kept; per example id, how often it was a candidate and how often it was kept (4 + 4 bytes
     per example, only when ids are known). The sample is drawn with its own generator, so
     logging never changes which examples are selected.
+
+    NOTE [ Logging stays off the hot path ]
+    ``observe`` runs once per source batch, so it does almost nothing there: the sample is a
+    reservoir of whole batches (one random draw per batch; a kept-mask is built only for the
+    few batches that enter the reservoir), and the per-id counts are queued and folded in with
+    one ``bincount`` per many batches. With equal-sized batches every loss of an epoch is
+    equally likely to be in the sample.
     """
 
     def __init__(self, max_samples: int = 4096, seed: int = 0) -> None:
         self.max_samples = max_samples
-        self.samples: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # losses, kept?, seen
-        self.candidates = torch.zeros(0, dtype=torch.int32)
-        self.kept = torch.zeros(0, dtype=torch.int32)
+        self._reservoir: dict[int, list[tuple[Tensor, Tensor]]] = {}  # epoch -> [(losses, kept?)]
+        self._seen: dict[int, list[int]] = {}  # epoch -> [losses seen, batches seen, sampled]
+        self._candidates = torch.zeros(0, dtype=torch.int32)
+        self._kept = torch.zeros(0, dtype=torch.int32)
+        self._queued: list[tuple[Tensor, Tensor]] = []  # (candidate ids, kept ids), not yet counted
         self._generator = torch.Generator().manual_seed(seed)
 
-    def observe(self, epoch: int, losses: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None) -> None:
-        losses = losses.detach().float().cpu()
+    def observe(self, epoch: int, losses: Tensor, rows: Tensor, ids: Tensor | None) -> None:
+        """Note that ``rows`` of the candidates ``losses`` (example ``ids``, if known) were kept."""
+        self._sample(epoch, losses, rows)
+        if ids is not None:
+            self._queued.append((ids, ids[rows.to(ids.device)]))
+            if len(self._queued) >= 256:
+                self._fold()
+
+    def _sample(self, epoch: int, losses: Tensor, rows: Tensor) -> None:
+        """Reservoir sampling over batches (Algorithm R with whole batches as the items)."""
+        reservoir = self._reservoir.setdefault(epoch, [])
+        seen = self._seen.setdefault(epoch, [0, 0, 0])
+        seen[0] += losses.numel()
+        seen[1] += 1
+        if seen[2] < self.max_samples:  # still filling up
+            reservoir.append(self._entry(losses, rows))
+            seen[2] += reservoir[-1][0].numel()
+            return
+        slot = int(torch.randint(seen[1], (1,), generator=self._generator))
+        if slot < len(reservoir):
+            reservoir[slot] = self._entry(losses, rows)
+
+    def _entry(self, losses: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        losses = losses.detach().float().cpu().clone()
         chosen = torch.zeros(losses.numel(), dtype=torch.bool)
         chosen[rows.cpu()] = True
-        self._sample(epoch, losses, chosen)
-        if ids is not None:
-            self._count(ids.cpu().long(), chosen)
+        if losses.numel() > self.max_samples:  # a whole epoch at once (stale planning): subsample
+            pick = torch.randperm(losses.numel(), generator=self._generator)[: self.max_samples]
+            losses, chosen = losses[pick], chosen[pick]
+        return losses, chosen
 
-    def _sample(self, epoch: int, losses: torch.Tensor, chosen: torch.Tensor) -> None:
-        """Reservoir sampling (one chance per batch): every loss of the epoch is about equally
-        likely to end up in the sample."""
-        kept_losses, kept_chosen, seen = self.samples.get(
-            epoch, (torch.empty(0), torch.empty(0, dtype=torch.bool), 0)
-        )
-        room = self.max_samples - kept_losses.numel()
-        if room > 0:  # still filling up
-            kept_losses = torch.cat([kept_losses, losses[:room]])
-            kept_chosen = torch.cat([kept_chosen, chosen[:room]])
-            seen, losses, chosen = seen + min(room, losses.numel()), losses[room:], chosen[room:]
-        if losses.numel():  # each new loss replaces a random slot with chance max_samples / seen
-            chance = self.max_samples / (seen + (losses.numel() + 1) / 2)
-            take = torch.rand(losses.numel(), generator=self._generator) < chance
-            count = int(take.sum())
-            if count:
-                slots = torch.randint(self.max_samples, (count,), generator=self._generator)
-                kept_losses[slots] = losses[take]
-                kept_chosen[slots] = chosen[take]
-            seen += losses.numel()
-        self.samples[epoch] = (kept_losses, kept_chosen, seen)
+    @property
+    def samples(self) -> dict[int, tuple[Tensor, Tensor, int]]:
+        """epoch -> ``(sampled losses, whether each was kept, losses seen in the epoch)``."""
+        out = {}
+        for epoch, parts in self._reservoir.items():
+            losses = torch.cat([p for p, _ in parts]) if parts else torch.empty(0)
+            chosen = torch.cat([c for _, c in parts]) if parts else torch.empty(0, dtype=torch.bool)
+            out[epoch] = (losses, chosen, self._seen[epoch][0])
+        return out
 
-    def _count(self, ids: torch.Tensor, chosen: torch.Tensor) -> None:
-        needed = int(ids.max()) + 1 if ids.numel() else 0
-        if needed > self.candidates.numel():
-            grow = max(needed, 2 * self.candidates.numel())
-            self.candidates = torch.cat([self.candidates, torch.zeros(grow - self.candidates.numel(), dtype=torch.int32)])
-            self.kept = torch.cat([self.kept, torch.zeros(grow - self.kept.numel(), dtype=torch.int32)])
-        self.candidates.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.int32))
-        self.kept.index_add_(0, ids[chosen], torch.ones(int(chosen.sum()), dtype=torch.int32))
+    def _fold(self) -> None:
+        if not self._queued:
+            return
+        candidates = torch.cat([c for c, _ in self._queued]).cpu().long()
+        kept = torch.cat([k for _, k in self._queued]).cpu().long()
+        self._queued = []
+        if candidates.numel() == 0:
+            return
+        needed = int(candidates.max()) + 1
+        self._candidates, self._kept = grown(self._candidates, needed), grown(self._kept, needed)
+        size = self._candidates.numel()
+        self._candidates += torch.bincount(candidates, minlength=size).to(torch.int32)
+        self._kept += torch.bincount(kept, minlength=size).to(torch.int32)
 
-    def selection_frequency(self) -> torch.Tensor:
+    @property
+    def candidates(self) -> Tensor:
+        """Per example id: how many times it was a selection candidate."""
+        self._fold()
+        return self._candidates
+
+    @property
+    def kept(self) -> Tensor:
+        """Per example id: how many times it was kept."""
+        self._fold()
+        return self._kept
+
+    def selection_frequency(self) -> Tensor:
         """Per example that was ever a candidate: the fraction of its candidacies that were kept."""
-        seen = self.candidates > 0
-        return self.kept[seen].float() / self.candidates[seen].float()
+        candidates, kept = self.candidates, self.kept
+        seen = candidates > 0
+        return kept[seen].float() / candidates[seen].float()
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "samples": {int(e): [l.clone(), c.clone(), n] for e, (l, c, n) in self.samples.items()},
+            "reservoir": {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in self._reservoir.items()},
+            "seen": {int(e): list(v) for e, v in self._seen.items()},
             "candidates": self.candidates.clone(),
             "kept": self.kept.clone(),
             "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.samples = {int(e): (v[0], v[1], int(v[2])) for e, v in state["samples"].items()}
-        self.candidates = state["candidates"].clone()
-        self.kept = state["kept"].clone()
+        self._reservoir = {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in state["reservoir"].items()}
+        self._seen = {int(e): list(v) for e, v in state["seen"].items()}
+        self._candidates = state["candidates"].clone()
+        self._kept = state["kept"].clone()
+        self._queued = []
         self._generator.set_state(state["generator"])

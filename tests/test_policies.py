@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sbdata import RandomPolicy, RankPolicy, SelectiveBatchLoader, ThresholdPolicy, TopKPolicy
-from sbdata.policies import make_policy, rank_select, threshold_select, topk_select
+from sbdata.policies import make_policy, rank_select, select_each, threshold_select, topk_select
 
 keeps = st.floats(min_value=0.01, max_value=1.0)
 loss_lists = st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=40)
@@ -312,3 +312,57 @@ def test_infobatch_prunes_below_the_running_mean_and_reweights_the_survivors():
     high = torch.full((100,), 50.0)
     assert policy.select(high, gen).numel() == 100, "above-mean examples are always kept"
     assert torch.all(policy.weigh(high, torch.arange(100)) == 1.0)
+
+
+# ---------------------------------------------------------------- many batches at once (stale planning)
+
+
+def test_rank_select_many_matches_the_per_batch_inclusion_probabilities():
+    # the same n=4, keep=0.5 case as above, drawn for 20000 batches in one vectorised call
+    w = [1 / 16, 3 / 16, 5 / 16, 7 / 16]
+    inclusion = torch.tensor([w[i] + sum(w[j] * w[i] / (1 - w[j]) for j in range(4) if j != i) for i in range(4)])
+    losses = torch.tensor([0.5, 9.0, -1.0, 4.0])  # ranks 1, 3, 0, 2
+    trials = 20000
+    rows = RankPolicy(0.5).select_many([losses] * trials, torch.Generator().manual_seed(3))
+    counts = torch.bincount(torch.cat(rows), minlength=4).float()
+    assert all(r.numel() == 2 and torch.equal(r, torch.sort(r).values) and r.unique().numel() == 2 for r in rows)
+    assert torch.allclose(counts / trials, inclusion[[1, 3, 0, 2]].float(), atol=0.012)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=8),
+    keep=keeps,
+    seed=st.integers(0, 2**16),
+)
+def test_select_many_keeps_int_keep_times_n_of_each_batch_in_order(sizes, keep, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.rand(n, generator=gen) for n in sizes]  # mixed lengths: one group per length
+    ranked = RankPolicy(keep).select_many(batches, gen)
+    top = TopKPolicy(keep).select_many(batches, gen)
+    assert len(ranked) == len(top) == len(batches)
+    for losses, r, t in zip(batches, ranked, top):
+        k = int(keep * losses.numel())
+        assert r.numel() == k and r.unique().numel() == k and torch.equal(r, torch.sort(r).values)
+        assert r.numel() == 0 or int(r.max()) < losses.numel()
+        assert torch.equal(t, topk_select(losses, keep))  # top-k is deterministic: same answer
+
+
+def test_select_each_calls_a_policy_without_select_many_batch_by_batch_in_order():
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, generator=gen) for _ in range(5)]
+    one, other = ThresholdPolicy(0.5, history_size=20), ThresholdPolicy(0.5, history_size=20)
+    together = select_each(one, batches, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    assert all(torch.equal(a, other.select(b, g)) for a, b in zip(together, batches))
+    assert torch.equal(one.state_dict()["history"], other.state_dict()["history"])
+
+
+def test_select_many_does_not_touch_the_global_rng():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    batches = [torch.rand(32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    a = RankPolicy(0.3).select_many(batches, torch.Generator().manual_seed(5))
+    b = RankPolicy(0.3).select_many(batches, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(torch.get_rng_state(), before)
