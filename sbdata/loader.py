@@ -537,8 +537,10 @@ class SelectiveBatchLoader:
             ids = torch.cat(batches)
             parts = list(torch.split(self._cached_losses(ids, sizes), sizes))
             if callable(weigh):  # weigh() reads state select() just set: one batch at a time
-                rows = [self.policy.select(part, generator) for part in parts]
-                weights = [weigh(part, r).float().cpu() for part, r in zip(parts, rows)]
+                rows, weights = [], []
+                for part in parts:
+                    rows.append(self.policy.select(part, generator))
+                    weights.append(weigh(part, rows[-1]).float().cpu())
             else:
                 rows, weights = select_each(self.policy, parts, generator), [None] * len(parts)
             offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()

@@ -231,3 +231,24 @@ def test_without_record_every_nth_epoch_rescores():
     for _ in range(4):
         run_epoch(sb)
     assert [s.mode for s in sb.stats.history] == ["fresh", "stale", "fresh", "stale"]
+
+
+def test_infobatch_weights_in_a_stale_epoch_use_the_running_mean_as_of_each_source_batch():
+    # losses id + 1 in id order; the running mean grows batch by batch through the stale epoch,
+    # so weighing every batch against the epoch's final mean would give other weights
+    n, size = 64, 8
+    loader = DataLoader(IndexedPairs(n), batch_size=size, shuffle=False)
+    sb = SelectiveBatchLoader(
+        loader, Echo(), keep=0.5, policy="infobatch", stale=2, index_key=2,
+        loss_fn=lambda out, y: out[:, 0].float() + 1,
+    )  # fmt: skip
+    list(sb)  # epoch 0: fresh, every batch scored in order
+    seen = torch.arange(1, n + 1, dtype=torch.float64)  # the policy's history after epoch 0
+    rows = 0
+    for batch in sb:  # epoch 1: stale, planned from the cache
+        for i, w in zip(batch[2].tolist(), sb.batch_weights.tolist()):
+            b = i // size  # source batch: the mean includes epoch 1's batches up to this one
+            mean = float(torch.cat([seen, torch.arange(1, (b + 1) * size + 1, dtype=torch.float64)]).mean())
+            assert w == (2.0 if i + 1 < mean else 1.0), (i, w, mean)
+            rows += 1
+    assert sb.stats.history[-1].mode == "stale" and rows > n // 2
