@@ -106,3 +106,18 @@ def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path
             assert len(method["accuracy"]) == 2  # two seeds in quick mode
             assert name in study["summary"]["methods"]
             assert f"| {name} |" in markdown
+
+
+def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
+    pytest.importorskip("mnist1d")
+    from sbdata.bench.sweep import VARIANTS, main
+
+    out = tmp_path / "sweep"
+    sweep = main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--workers", "1"])
+    assert set(sweep["summary"]["methods"]) == {"plain", *VARIANTS}
+    fast = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("fast", 2).items() if k != "epochs"}}
+    assert sweep["kwargs"]["keep0.12-x1.5 (fast)"] == fast  # the variant is the recipe itself
+    assert sweep["epochs"]["keep0.3-int8-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["summary"]["methods"]["plain"]["ratio"]["lossless"] == 1.0
+    assert "| keep0.1-x3 | 6 |" in (out / "sweep.md").read_text()

@@ -66,21 +66,22 @@ _DATA: dict[str, Any] = {}
 
 
 def _run(task: tuple) -> tuple[str, int, list[float], list[float]]:
-    name, kwargs, epochs, seed, hyp = task
+    name, kwargs, epochs, seed, hyp, data_dir = task
     torch.set_num_threads(1)
     if "mnist1d" not in _DATA:
-        _DATA["mnist1d"] = load("mnist1d", hyp, None)
+        _DATA["mnist1d"] = load("mnist1d", hyp, data_dir)
     curve = train(_DATA["mnist1d"], hyp, kwargs, epochs=epochs, seed=seed, record=kwargs is not None)
     return name, seed, curve.cpu_seconds, curve.accuracy
 
 
-def run_sweep(seeds: list[int], quick: bool, workers: int) -> dict[str, Any]:
+def run_sweep(seeds: list[int], quick: bool, workers: int, data_dir: str | None = None) -> dict[str, Any]:
     """Run plain training and every variant for every seed; return curves and the summary."""
     hyp = {**HYP["mnist1d"], **(QUICK["mnist1d"] if quick else {})}
     plain_epochs = hyp["epochs"]
     plans = {"plain": (None, plain_epochs)}
     plans.update({name: (kw, max(1, round(b * plain_epochs))) for name, (kw, b) in VARIANTS.items()})
-    tasks = [(name, kw, epochs, seed, hyp) for seed in seeds for name, (kw, epochs) in plans.items()]
+    _DATA["mnist1d"] = load("mnist1d", hyp, data_dir)  # once, before the workers fork
+    tasks = [(name, kw, epochs, seed, hyp, data_dir) for seed in seeds for name, (kw, epochs) in plans.items()]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         results = pool.map(_run, tasks, chunksize=1)
     methods: dict[str, dict[str, list]] = {name: {"seconds": [], "accuracy": []} for name in plans}
@@ -102,10 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each (default 2)")
     parser.add_argument("--quick", action="store_true", help="tiny data and model: a smoke test")
+    parser.add_argument("--data-dir", default=None, help="MNIST-1D cache folder (default ~/.cache/sbdata)")
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     began = time.perf_counter()
-    sweep = run_sweep(seeds, args.quick, args.workers)
+    sweep = run_sweep(seeds, args.quick, args.workers, args.data_dir)
     minutes = (time.perf_counter() - began) / 60
     table = report.markdown_table(sweep["summary"], sweep["epochs"])
     out = Path(args.out)
