@@ -94,7 +94,7 @@ def train(model, loader, epochs):
     steps = examples = 0
     began = time.perf_counter()
     for epoch in range(epochs):
-        steps_this_epoch = len(loader)  # exact for the "rank" policy
+        steps_this_epoch = len(loader)  # exact for "rank"; an upper bound for "infobatch"
         for i, (x, y) in enumerate(loader):
             progress = (epoch + i / steps_this_epoch) / epochs
             for group in opt.param_groups:
@@ -102,6 +102,9 @@ def train(model, loader, epochs):
             losses = F.cross_entropy(model(x), y, reduction="none")
             if record is not None:
                 record(losses.detach())  # keeps the loss cache fresh: no scoring passes needed
+            weights = getattr(loader, "batch_weights", None)  # set by reweighting policies
+            if weights is not None:
+                losses = losses * weights
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
             opt.step()

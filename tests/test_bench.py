@@ -69,12 +69,48 @@ def test_recipe_returns_loader_kwargs_with_its_own_epoch_budget(name):
     kwargs = sbdata.recipe(name, 8)
     assert isinstance(kwargs["epochs"], int) and kwargs["epochs"] >= 1
     assert sbdata.recipes.NEEDS_RECORD[name] in (True, False)
-    kwargs["keep"] = kwargs["keep"]  # a fresh dict: editing it does not change the recipe
-    assert sbdata.recipe(name, 8) == kwargs
+    assert sbdata.recipes.NEEDS_WEIGHTS[name] in (True, False)
+    kwargs["keep"], original = 0.99, kwargs["keep"]  # a fresh dict: editing it changes no recipe
+    assert sbdata.recipe(name, 8)["keep"] == original != 0.99
+    kwargs["keep"] = original
     data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     sb = SelectiveBatchLoader(loader, torch.nn.Linear(3, 2), **kwargs)
     assert sb.epochs == kwargs["epochs"]
+
+
+@pytest.mark.parametrize("name", sorted(sbdata.recipes.RECIPES))
+def test_needs_weights_says_whether_the_recipe_sets_batch_weights(name):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(256, 3), torch.randint(0, 2, (256,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    model = torch.nn.Linear(3, 2)
+    sb = SelectiveBatchLoader(loader, model, **sbdata.recipe(name, 8))
+    weights = []
+    for _ in range(2):  # the plain warm-up epoch, then the first selective one
+        for x, y in sb:
+            sb.record(torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach())
+            weights.append(sb.batch_weights)
+            assert sb.batch_weights is None or sb.batch_weights.shape == (len(y),)
+    assert [s.mode for s in sb.stats.history] == ["plain", "stale"]
+    selective = weights[8:]  # after the warm-up epoch's 8 batches
+    assert all(w is None for w in weights[:8])
+    if sbdata.recipes.NEEDS_WEIGHTS[name]:
+        assert selective and all(w is not None for w in selective)
+        assert any(bool((w > 1).any()) for w in selective)  # kept low-loss examples count more
+    else:
+        assert all(w is None for w in selective)
+
+
+def test_reweighting_recipes_get_a_random_twin_matched_to_what_they_kept():
+    from sbdata.bench.__main__ import matched_keep, methods
+
+    plans = methods(8, 1.0)
+    for name in sbdata.recipes.RECIPES:
+        variable = plans[f"recipe:{name}"]["kwargs"]["policy"] in ("infobatch", "threshold")
+        assert plans[f"random@{name}"].get("match") == (f"recipe:{name}" if variable else None)
+    assert matched_keep(0.35, keep=0.2) == 0.35
+    assert matched_keep(None, keep=0.2) == 0.2
 
 
 def test_recipe_rejects_unknown_names_and_bad_budgets():
@@ -102,6 +138,10 @@ def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path
     for dataset in ("mnist1d", "digits"):
         study = results["studies"][dataset]
         assert "plain" in study["methods"] and len(study["methods"]) >= 8
+        recipe, twin = study["methods"]["recipe:lossless"], study["methods"]["random@lossless"]
+        kept = [s[-1] / c[-1] for s, c in zip(recipe["selected"], recipe["candidates"])]
+        assert twin["matched_keep"] == pytest.approx(kept)  # the twin ran at the recipe's kept fraction
+        assert all(0 < k < 1 for k in kept)
         for name, method in study["methods"].items():
             assert len(method["accuracy"]) == 2  # two seeds in quick mode
             assert name in study["summary"]["methods"]
@@ -117,7 +157,9 @@ def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
     assert set(sweep["summary"]["methods"]) == {"plain", *VARIANTS}
     fast = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("fast", 2).items() if k != "epochs"}}
     assert sweep["kwargs"]["keep0.12-x1.5 (fast)"] == fast  # the variant is the recipe itself
-    assert sweep["epochs"]["keep0.3-int8-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
+    lossless = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("lossless", 2).items() if k != "epochs"}}
+    assert sweep["kwargs"]["infobatch0.2-x1.5 (lossless)"] == lossless
+    assert sweep["epochs"]["infobatch0.2-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["summary"]["methods"]["plain"]["ratio"]["lossless"] == 1.0
     assert "| keep0.1-x3 | 6 |" in (out / "sweep.md").read_text()

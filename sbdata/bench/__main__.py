@@ -76,8 +76,24 @@ def methods(plain_epochs: int, scale_factor: float) -> dict[str, dict[str, Any]]
         epochs = kwargs.pop("epochs")
         out[f"recipe:{name}"] = m(kwargs, epochs, record=NEEDS_RECORD[name])
         # The same recipe with the losses ignored: what selection adds over a random subset.
-        out[f"random@{name}"] = m({**kwargs, "policy": "random"}, epochs, record=NEEDS_RECORD[name])
+        # NOTE [ Cost-matched random twins ]: a policy that keeps a data-dependent fraction
+        # (infobatch, threshold) is matched by a random twin that keeps the fraction the recipe
+        # actually kept in the same seed's run, so both train on as many examples.
+        twin = m({**kwargs, "policy": "random"}, epochs, record=NEEDS_RECORD[name])
+        if kwargs["policy"] in VARIABLE_KEEP:
+            twin["match"] = f"recipe:{name}"
+        out[f"random@{name}"] = twin
     return out
+
+
+#: Policies whose kept fraction depends on the losses (see NOTE [ Cost-matched random twins ]).
+VARIABLE_KEEP = ("infobatch", "threshold")
+
+
+def matched_keep(kept_fraction: float | None, keep: float) -> float:
+    """The ``keep`` of a random twin matched to a recipe that kept ``kept_fraction`` of its
+    candidates (``keep`` itself if the recipe never selected)."""
+    return keep if kept_fraction is None else min(1.0, max(kept_fraction, 1e-6))
 
 
 def load(dataset: str, hyp: dict[str, Any], data_dir: str | None) -> tuple:
@@ -132,27 +148,50 @@ def run_study(
         for dataset in datasets:
             names = list(plans[dataset])
             names = names[s % len(names) :] + names[: s % len(names)]  # rotate: no fixed position
+            for twin in [n for n in names if "match" in plans[dataset][n]]:  # after its recipe
+                names.remove(twin)
+                names.insert(names.index(plans[dataset][twin]["match"]) + 1, twin)
             tasks += [(dataset, name, plans[dataset][name], hyps[dataset], seed, data_dir, threads) for name in names]
     curves: dict[str, dict[str, list]] = {d: {name: [] for name in plans[d]} for d in datasets}
     bar = _progress(sum(t[2]["epochs"] for t in tasks)) if show_progress else None
+    kept: dict[tuple, float | None] = {}  # (dataset, method, seed) -> kept fraction
+    matched: dict[tuple, list[float]] = {}  # (dataset, twin) -> the keep it ran with, per seed
     for task in tasks:
+        dataset, name, plan, hyp, seed = task[:5]
+        if "match" in plan:  # NOTE [ Cost-matched random twins ]
+            keep = matched_keep(kept[(dataset, plan["match"], seed)], plan["kwargs"]["keep"])
+            plan = {**plan, "kwargs": {**plan["kwargs"], "keep": keep}}
+            task = (dataset, name, plan, *task[3:])
+            matched.setdefault((dataset, name), []).append(keep)
         if bar is not None:
-            bar.set_description(f"{task[0]} {task[1]} seed {task[4]}")
+            bar.set_description(f"{dataset} {name} seed {seed}")
         dataset, name, curve = _run(task, bar)  # the bar advances after every epoch
         curves[dataset][name].append(curve)
+        kept[(dataset, name, seed)] = _kept_fraction(curve)
     if bar is not None:
         bar.close()
     studies = {}
     for dataset in datasets:
-        keys = ("seconds", "cpu_seconds", "accuracy", "backprops", "scored")
+        keys = ("seconds", "cpu_seconds", "accuracy", "backprops", "scored", "selected", "candidates")
         per_method = {name: {k: [c[k] for c in curves[dataset][name]] for k in keys} for name in plans[dataset]}
         studies[dataset] = {
             "hyp": hyps[dataset],
-            "methods": {name: {**plans[dataset][name], **per_method[name]} for name in plans[dataset]},
+            "methods": {
+                name: {**plans[dataset][name], **per_method[name], **_matched(matched, dataset, name)}
+                for name in plans[dataset]
+            },
             "summary": report.summarize(_on_clock(per_method, "cpu_seconds")),  # the headline clock
             "summary_wall": report.summarize(_on_clock(per_method, "seconds")),
         }
     return studies
+
+
+def _matched(matched: dict[tuple, list[float]], dataset: str, name: str) -> dict[str, Any]:
+    return {"matched_keep": matched[(dataset, name)]} if (dataset, name) in matched else {}
+
+
+def _kept_fraction(curve: dict[str, Any]) -> float | None:
+    return curve["selected"][-1] / curve["candidates"][-1] if curve["candidates"] and curve["candidates"][-1] else None
 
 
 def _on_clock(per_method: dict[str, dict[str, Any]], clock: str) -> dict[str, dict[str, Any]]:
@@ -179,7 +218,11 @@ def write(studies: dict[str, Any], out: Path, meta: dict[str, Any]) -> None:
         lines += [report.markdown_table(study["summary_wall"], epochs), ""]
         lines.append("Methods (SelectiveBatchLoader keyword arguments; record = the loop calls sb.record()):\n")
         for name, m in study["methods"].items():
-            lines.append(f"- `{name}`: epochs={m['epochs']}, record={m['record']}, `{m['kwargs']}`")
+            line = f"- `{name}`: epochs={m['epochs']}, record={m['record']}, `{m['kwargs']}`"
+            if "matched_keep" in m:
+                keeps = ", ".join(f"{k:.3f}" for k in m["matched_keep"])
+                line += f"; keep matched to what `{m['match']}` kept, per seed: {keeps}"
+            lines.append(line)
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     panels = {d: {"methods": _on_clock(s["methods"], "cpu_seconds"), "summary": s["summary"]} for d, s in studies.items()}

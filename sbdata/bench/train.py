@@ -123,6 +123,8 @@ class Curve:
     accuracy: list[float] = field(default_factory=list)
     backprops: list[int] = field(default_factory=list)  # examples trained on, cumulative
     scored: list[int] = field(default_factory=list)  # examples in scoring passes, cumulative
+    selected: list[int] = field(default_factory=list)  # examples the policy kept, cumulative
+    candidates: list[int] = field(default_factory=list)  # examples it chose from, cumulative
 
 
 @torch.no_grad()
@@ -194,6 +196,10 @@ def train(
         scored = sb.stats.history[-1].scored if sb is not None else 0
         curve.backprops.append((curve.backprops[-1] if curve.backprops else 0) + trained)
         curve.scored.append((curve.scored[-1] if curve.scored else 0) + scored)
+        stats = sb.stats.history[-1] if sb is not None else None
+        chose = (stats.loaded + stats.loads_skipped - stats.passed_through) if stats else 0
+        curve.selected.append((curve.selected[-1] if curve.selected else 0) + (stats.selected if stats else 0))
+        curve.candidates.append((curve.candidates[-1] if curve.candidates else 0) + chose)
         if progress is not None:
             progress.update(1)
         if not math.isfinite(float(loss.detach())):
