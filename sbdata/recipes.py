@@ -38,7 +38,7 @@ MNIST-1D, 60k examples, a 1-D CNN, plain training for 8 epochs, 3 seeds, on a 2-
 no GPU. Ratios are a recipe's training time (process CPU time) to a target over plain
 training's time to the same target. The variants around them are in
 ``python -m sbdata.bench.sweep`` (docs/bench/sweep/sweep.md). Of the goals set for them,
-"fast" meets its own (1.4x error in <= 0.4x) at the margin, 0.38-0.42x across five runs;
+"fast" meets its own (1.4x error in <= 0.4x) at the margin, 0.37-0.42x across six runs;
 "lossless" does not (0.70-0.72x against <= 0.6x).
 """
 
@@ -68,7 +68,7 @@ RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     # 0.12 of every source batch (Composer's rank draw over record()-refreshed losses, no
     # interrupt batches) for 1.5x plain's epochs: a selective epoch costs ~0.13 of a plain one,
     # so the whole run costs 0.33x plain's time (29 % of its backprops) and reaches 1.4x
-    # plain's error at its 11th epoch: 0.41x (0.38-0.42x over five runs), 99.08 % +- 0.07 at
+    # plain's error at its 11th epoch: 0.41x (0.37-0.42x over six runs), 99.08 % +- 0.07 at
     # the end. Random selection at the same cost: 98.83 %, never there. Tuned on
     # MNIST-1D; too few steps per epoch on a set as small as digits (1.3k images).
     "fast": (dict(keep=0.12, policy="rank", stale=_ONCE, start=0.04), 1.5),
