@@ -535,7 +535,8 @@ class SelectiveBatchLoader:
                 return []
             sizes = [b.numel() for b in batches]
             ids = torch.cat(batches)
-            parts = list(torch.split(self._cached_losses(ids, sizes), sizes))
+            losses = self._cached_losses(ids, sizes)
+            parts = list(torch.split(losses, sizes))
             if callable(weigh):  # weigh() reads state select() just set: one batch at a time
                 rows, weights = [], []
                 for part in parts:
@@ -545,7 +546,7 @@ class SelectiveBatchLoader:
                 rows, weights = select_each(self.policy, parts, generator), [None] * len(parts)
             offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
             flat = torch.cat([r + offset for r, offset in zip(rows, offsets)])
-            self.selection_log.observe(stats.epoch, torch.cat(parts), flat, ids)
+            self.selection_log.observe(stats.epoch, losses, flat, ids)
             return list(zip(rows, weights))
 
         shares, equal = share_selection(per_rank, pick, self.interrupt)
@@ -645,7 +646,8 @@ class SelectiveBatchLoader:
         losses, known = self.cache.lookup(ids)
         if bool(known.all()):
             return losses
-        for part, seen in zip(torch.split(losses, sizes or [ids.numel()]), torch.split(known, sizes or [ids.numel()])):
+        sizes = sizes or [ids.numel()]
+        for part, seen in zip(torch.split(losses, sizes), torch.split(known, sizes)):
             top = float(part[seen].max()) if bool(seen.any()) else 0.0
             part[~seen] = top + 1.0  # a view: fills ``losses``
         return losses

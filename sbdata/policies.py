@@ -45,17 +45,18 @@ def rank_select(losses: Tensor, keep: float, generator: torch.Generator | None =
     if k == 0:
         return torch.empty(0, dtype=torch.long)
     order = torch.argsort(losses.detach().float().cpu(), stable=True)
-    percentile = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    weights = percentile ** (1.0 / keep - 1.0)
-    picked_ranks = torch.multinomial(weights, k, replacement=False, generator=generator)
+    picked_ranks = torch.multinomial(_rank_weights(n, keep), k, replacement=False, generator=generator)
     return torch.sort(order[picked_ranks]).values
+
+
+def _rank_weights(n: int, keep: float) -> Tensor:
+    """Composer's draw weight of each rank (0 = lowest loss): ``((rank + 0.5) / n) ** (1 / keep - 1)``."""
+    return ((torch.arange(n, dtype=torch.float64) + 0.5) / n) ** (1.0 / keep - 1.0)
 
 
 def topk_select(losses: Tensor, keep: float) -> Tensor:
     """The ``int(keep * n)`` highest losses (ties broken by position), deterministic."""
-    k = num_kept(losses.numel(), keep)
-    order = torch.argsort(losses.detach().float().cpu(), descending=True, stable=True)
-    return torch.sort(order[:k]).values
+    return topk_select_rows(losses.detach().float().cpu().view(1, -1), keep)[0]
 
 
 def _by_size(losses: list[Tensor]) -> dict[int, list[int]]:
@@ -69,7 +70,7 @@ def _select_rows(losses: list[Tensor], choose: Any) -> list[Tensor]:
     """Apply ``choose(stacked [B, n] losses) -> [B, k] sorted positions`` to equally long
     batches at once, one group per batch length, and split the result back per batch."""
     out: list[Tensor] = [torch.empty(0, dtype=torch.long)] * len(losses)
-    for _, members in _by_size(losses).items():
+    for members in _by_size(losses).values():
         stacked = torch.stack([losses[i].detach().float().cpu().flatten() for i in members])
         for i, rows in zip(members, choose(stacked)):
             out[i] = rows
@@ -83,8 +84,7 @@ def rank_select_rows(losses: Tensor, keep: float, generator: torch.Generator | N
     if k == 0:
         return torch.empty(b, 0, dtype=torch.long)
     order = torch.argsort(losses, dim=1, stable=True)
-    weights = ((torch.arange(n, dtype=torch.float64) + 0.5) / n) ** (1.0 / keep - 1.0)
-    picked_ranks = torch.multinomial(weights.expand(b, n), k, replacement=False, generator=generator)
+    picked_ranks = torch.multinomial(_rank_weights(n, keep).expand(b, n), k, replacement=False, generator=generator)
     return torch.sort(torch.gather(order, 1, picked_ranks), dim=1).values
 
 

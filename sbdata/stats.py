@@ -41,10 +41,14 @@ class EpochStats:
     scoring_seconds: float = 0.0
 
     @property
+    def candidates(self) -> int:
+        """Examples the policy chose from: scored or cached, not passed through whole."""
+        return self.loaded + self.loads_skipped - self.passed_through
+
+    @property
     def kept_fraction(self) -> float:
-        """Selected examples over scored-or-cached candidates (1.0 when nothing was selected on)."""
-        candidates = self.loaded + self.loads_skipped - self.passed_through
-        return self.selected / candidates if candidates else 1.0
+        """Selected examples over :attr:`candidates` (1.0 when nothing was selected on)."""
+        return self.selected / self.candidates if self.candidates else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -119,14 +119,20 @@ def _progress(total: int) -> Any:
 _DATA: dict[tuple, tuple] = {}  # each dataset is loaded once
 
 
-def _run(task: tuple, progress: Any = None) -> tuple[str, str, dict[str, Any]]:
+def dataset_once(dataset: str, hyp: dict[str, Any], data_dir: str | None) -> tuple:
+    """:func:`load`, memoised per process (worker processes forked later inherit it)."""
+    key = (dataset, hyp.get("num_samples"), hyp.get("train_limit"), data_dir)
+    if key not in _DATA:
+        _DATA[key] = load(dataset, hyp, data_dir)
+    return _DATA[key]
+
+
+def run_one(task: tuple, progress: Any = None) -> tuple[str, str, dict[str, Any]]:
     """One training run: ``(dataset, method name, plan, hyp, seed, data_dir, threads)``."""
     dataset, name, plan, hyp, seed, data_dir, threads = task
     torch.set_num_threads(threads)
-    key = (dataset, hyp.get("num_samples"), data_dir)
-    if key not in _DATA:
-        _DATA[key] = load(dataset, hyp, data_dir)
-    curve = train(_DATA[key], hyp, plan["kwargs"], epochs=plan["epochs"], seed=seed, record=plan["record"], progress=progress)
+    data = dataset_once(dataset, hyp, data_dir)
+    curve = train(data, hyp, plan["kwargs"], epochs=plan["epochs"], seed=seed, record=plan["record"], progress=progress)
     return dataset, name, curve.__dict__
 
 
@@ -165,7 +171,7 @@ def run_study(
             matched.setdefault((dataset, name), []).append(keep)
         if bar is not None:
             bar.set_description(f"{dataset} {name} seed {seed}")
-        dataset, name, curve = _run(task, bar)  # the bar advances after every epoch
+        dataset, name, curve = run_one(task, bar)  # the bar advances after every epoch
         curves[dataset][name].append(curve)
         kept[(dataset, name, seed)] = _kept_fraction(curve)
     if bar is not None:

@@ -22,13 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import report
-from .__main__ import HYP, QUICK, load
-from .train import train
-
-BIG = 10**6  # stale: score at most once; record() keeps the cache fresh
+from .__main__ import BIG, HYP, QUICK, dataset_once, run_one
 
 
 def variant(keep: float, budget: float, interrupt: int = 0, policy: str = "rank", stale: int = BIG) -> tuple[dict[str, Any], float]:
@@ -66,32 +61,24 @@ VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
     "keep0.3-int8-x0.75": variant(0.3, 0.75, 8),
 }
 
-_DATA: dict[str, Any] = {}
-
-
-def _run(task: tuple) -> tuple[str, int, list[float], list[float]]:
-    name, kwargs, epochs, seed, hyp, data_dir = task
-    torch.set_num_threads(1)
-    if "mnist1d" not in _DATA:
-        _DATA["mnist1d"] = load("mnist1d", hyp, data_dir)
-    curve = train(_DATA["mnist1d"], hyp, kwargs, epochs=epochs, seed=seed, record=kwargs is not None)
-    return name, seed, curve.cpu_seconds, curve.accuracy
-
-
 def run_sweep(seeds: list[int], quick: bool, workers: int, data_dir: str | None = None) -> dict[str, Any]:
     """Run plain training and every variant for every seed; return curves and the summary."""
     hyp = {**HYP["mnist1d"], **(QUICK["mnist1d"] if quick else {})}
     plain_epochs = hyp["epochs"]
     plans = {"plain": (None, plain_epochs)}
     plans.update({name: (kw, max(1, round(b * plain_epochs))) for name, (kw, b) in VARIANTS.items()})
-    _DATA["mnist1d"] = load("mnist1d", hyp, data_dir)  # once, before the workers fork
-    tasks = [(name, kw, epochs, seed, hyp, data_dir) for seed in seeds for name, (kw, epochs) in plans.items()]
+    dataset_once("mnist1d", hyp, data_dir)  # once, before the workers fork
+    tasks = [
+        ("mnist1d", name, {"kwargs": kw, "epochs": epochs, "record": kw is not None}, hyp, seed, data_dir, 1)
+        for seed in seeds
+        for name, (kw, epochs) in plans.items()
+    ]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        results = pool.map(_run, tasks, chunksize=1)
+        results = pool.map(run_one, tasks, chunksize=1)
     methods: dict[str, dict[str, list]] = {name: {"seconds": [], "accuracy": []} for name in plans}
-    for name, _seed, seconds, accuracy in results:
-        methods[name]["seconds"].append(seconds)
-        methods[name]["accuracy"].append(accuracy)
+    for _, name, curve in results:
+        methods[name]["seconds"].append(curve["cpu_seconds"])
+        methods[name]["accuracy"].append(curve["accuracy"])
     return {
         "hyp": hyp,
         "epochs": {name: epochs for name, (_, epochs) in plans.items()},

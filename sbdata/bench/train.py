@@ -192,14 +192,16 @@ def train(
         curve.seconds.append(clock)
         curve.cpu_seconds.append(cpu_clock)
         curve.accuracy.append(evaluate(model, x_test, y_test))
-        trained = sb.stats.history[-1].yielded if sb is not None else len(y_train)
-        scored = sb.stats.history[-1].scored if sb is not None else 0
-        curve.backprops.append((curve.backprops[-1] if curve.backprops else 0) + trained)
-        curve.scored.append((curve.scored[-1] if curve.scored else 0) + scored)
         stats = sb.stats.history[-1] if sb is not None else None
-        chose = (stats.loaded + stats.loads_skipped - stats.passed_through) if stats else 0
-        curve.selected.append((curve.selected[-1] if curve.selected else 0) + (stats.selected if stats else 0))
-        curve.candidates.append((curve.candidates[-1] if curve.candidates else 0) + chose)
+        counts = {
+            "backprops": stats.yielded if stats else len(y_train),
+            "scored": stats.scored if stats else 0,
+            "selected": stats.selected if stats else 0,
+            "candidates": stats.candidates if stats else 0,
+        }
+        for name, count in counts.items():  # the curves count cumulatively
+            series = getattr(curve, name)
+            series.append((series[-1] if series else 0) + count)
         if progress is not None:
             progress.update(1)
         if not math.isfinite(float(loss.detach())):
