@@ -123,14 +123,16 @@ def test_recipe_rejects_unknown_names_and_bad_budgets():
 # ---------------------------------------------------------------- the quick run
 
 
-def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path):
+def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path, capsys):
     pytest.importorskip("mnist1d")
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
     from sbdata.bench.__main__ import main
 
     out = tmp_path / "bench"
-    main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--no-progress"])
+    main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data")])
+    assert "recipe:lossless seed 1" in capsys.readouterr().err  # the progress bar names each run
     results = json.loads((out / "results.json").read_text())
     markdown = (out / "results.md").read_text()
     png = (out / "time_to_accuracy.png").read_bytes()
@@ -163,3 +165,29 @@ def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["summary"]["methods"]["plain"]["ratio"]["lossless"] == 1.0
     assert "| keep0.1-x3 | 6 |" in (out / "sweep.md").read_text()
+
+
+def test_the_console_script_is_the_study_cli():
+    from importlib.metadata import entry_points
+
+    from sbdata.bench.__main__ import main
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "sbdata-bench"]
+    assert script.load() is main
+
+
+def test_quick_micro_benchmarks_measure_all_three_and_a_stale_epoch_loads_only_what_it_keeps(tmp_path):
+    pytest.importorskip("mnist1d")
+    pytest.importorskip("PIL")
+    from sbdata.bench.micro import main
+
+    results = main(["--quick", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "micro.json").read_text()) == json.loads(json.dumps(results))
+    for view in ("iterate_only", "with_training_step"):
+        timing = results["wrapper_overhead"][view]
+        assert timing["ratio"] == pytest.approx(timing["sbdata_s"] / timing["by_hand_s"]) and timing["ratio"] > 0
+    stale = results["stale_loading"]
+    assert stale["stale_loaded"] == int(stale["keep"] * stale["examples"])  # skipped ones never read
+    assert stale["stale_loaded"] + stale["stale_skipped"] == stale["examples"]
+    scoring = results["scoring_scale_factor"]
+    assert scoring["ratio"] == pytest.approx(scoring["half_s"] / scoring["full_s"])
