@@ -38,8 +38,8 @@ MNIST-1D, 60k examples, a 1-D CNN, plain training for 8 epochs, 3 seeds, on a 2-
 no GPU. Ratios are a recipe's training time (process CPU time) to a target over plain
 training's time to the same target. The variants around them are in
 ``python -m sbdata.bench.sweep`` (docs/bench/sweep/sweep.md). Of the goals set for them,
-"fast" meets its own (1.4x error in <= 0.4x) at the margin, 0.37-0.42x across six runs;
-"lossless" does not (0.70-0.72x against <= 0.6x).
+"fast" meets its own (1.4x error in <= 0.4x) at the margin, 0.37-0.42x across seven runs;
+"lossless" does not (0.70-0.74x against <= 0.6x).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     # then InfoBatch-style selection from record()-refreshed losses over 1.5x plain's epochs:
     # every example at or above the running mean loss, plus a random 0.2 of those below it,
     # up-weighted 5x (NOTE [ Reweighting recipes ]): 99.22 % +- 0.08 against plain's 99.31 %,
-    # the target at 0.72x plain's time to it (0.70x in the sweep), 1.4x plain's error at
+    # the target at 0.72x plain's time to it (0.70-0.74x in three other runs), 1.4x plain's error at
     # 0.69x; 0.63x plain's total time, 55 % of its backprops. Random selection of as many
     # examples: 99.10 %, never lossless. The unbiased reweighting is what wins: rank selection
     # stalls just under the target unless whole batches are mixed in (interrupt), which costs
@@ -68,7 +68,7 @@ RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     # 0.12 of every source batch (Composer's rank draw over record()-refreshed losses, no
     # interrupt batches) for 1.5x plain's epochs: a selective epoch costs ~0.13 of a plain one,
     # so the whole run costs 0.33x plain's time (29 % of its backprops) and reaches 1.4x
-    # plain's error at its 11th epoch: 0.41x (0.37-0.42x over six runs), 99.08 % +- 0.07 at
+    # plain's error at its 11th epoch: 0.41x (0.37-0.42x over seven runs), 99.08 % +- 0.07 at
     # the end. Random selection at the same cost: 98.83 %, never there. Tuned on
     # MNIST-1D; too few steps per epoch on a set as small as digits (1.3k images).
     "fast": (dict(keep=0.12, policy="rank", stale=_ONCE, start=0.04), 1.5),
