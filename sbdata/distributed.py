@@ -24,9 +24,11 @@ __all__ = [
     "all_gather_variable",
     "all_reduce_int",
     "equal_batch_counts",
+    "gather_id_batches",
     "is_distributed",
     "rank",
     "share_cache_updates",
+    "share_policy_state",
     "world_size",
 ]
 
@@ -112,6 +114,25 @@ def equal_batch_counts(
         all_reduce_int(0, "min")  # tell the others this rank ran out
     finally:
         stream.close()  # type: ignore[attr-defined]
+
+
+def gather_id_batches(local: list[Tensor]) -> list[list[Tensor]]:
+    """Every rank's list of id batches, in rank order (``[local]`` on one process)."""
+    if not is_distributed():
+        return [local]
+    sizes = all_gather_variable(torch.tensor([c.numel() for c in local], dtype=torch.long))
+    flat = all_gather_variable(torch.cat(local) if local else torch.empty(0, dtype=torch.long))
+    return [list(torch.split(f, s.tolist())) for f, s in zip(flat, sizes)]
+
+
+def share_policy_state(policy: Any) -> None:
+    """Give every rank rank 0's policy state, so a stateful policy decides alike everywhere
+    and rank 0's checkpoint holds every rank's policy state."""
+    if not is_distributed():
+        return
+    state = [policy.state_dict()]
+    dist.broadcast_object_list(state, src=0)
+    policy.load_state_dict(state[0])
 
 
 def share_cache_updates(cache: LossCache, pending: list[tuple[Tensor, Tensor, int]]) -> None:

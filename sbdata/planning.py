@@ -1,7 +1,12 @@
-"""Stale-epoch planning: from cached losses to the id batches to load, decided before loading.
+"""Epoch plans: which id batches an epoch loads, decided before loading.
 
-Pure functions: they take candidate id batches and a way to pick rows, and return an
-:class:`EpochPlan`. Nothing here touches a loader, a model or ``torch.distributed``.
+Every epoch of a source that loads chosen ids (a map-style DataLoader, FFCV) runs from an
+:class:`EpochPlan` drawn up front: in plain and fresh epochs the user's own id batches, in
+stale epochs only the ids selected from cached losses. A checkpoint names the plan and how far
+the epoch got, so resuming loads exactly what is left.
+
+Pure functions: they take candidate id batches, cached losses and a policy, and return plans.
+Nothing here touches a loader, a model or ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -13,24 +18,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .policies import Selection, SelectionPolicy
 from .schedule import is_interrupt_batch
 
-__all__ = ["EpochPlan", "Share", "cut_plan", "share_selection"]
+__all__ = ["EpochPlan", "candidate_plan", "cut_plan", "fill_unseen", "select_from_cache", "share_selection"]
 
 #: one source batch's part of a rank's selection: (batch index, ids, weights or None)
 Share = list[tuple[int, Tensor, "Tensor | None"]]
-#: picks rows of candidate batches: [ids per batch] -> [(kept positions, weights of the kept or None)]
-Picker = Callable[[list[Tensor]], list[tuple[Tensor, "Tensor | None"]]]
+#: picks rows of candidate batches: [ids per batch] -> [Selection per batch]
+Picker = Callable[[list[Tensor]], list[Selection]]
 
 
 @dataclass
 class EpochPlan:
-    """The id batches an epoch loads, in order; ``passes[k]``: batch k is yielded unchanged
-    (an ``interrupt`` batch); ``weights[k]``: the policy's per-example weights, if any."""
+    """The id batches an epoch loads, in order.
+
+    ``passes[k]``: batch k is yielded unchanged (a plain epoch, or an ``interrupt`` batch).
+    ``weights[k]``: the policy's per-example weights of batch k, if it reweights.
+    ``preselected``: every row of a batch that does not pass is already selected (a stale
+    epoch); otherwise the rows are selected after loading, from scores (a fresh epoch).
+    """
 
     batches: list[Tensor] = field(default_factory=list)
     passes: list[bool] = field(default_factory=list)
     weights: list[Tensor | None] = field(default_factory=list)
+    preselected: bool = False
 
     def append(self, ids: Tensor, passed: bool = False, weights: Tensor | None = None) -> None:
         self.batches.append(ids)
@@ -41,16 +53,50 @@ class EpochPlan:
         return sum(b.numel() for b in self.batches)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": list(self.batches), "passes": list(self.passes), "weights": list(self.weights)}
+        return {
+            "batches": list(self.batches),
+            "passes": list(self.passes),
+            "weights": list(self.weights),
+            "preselected": self.preselected,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochPlan:
-        return cls(list(state["batches"]), list(state["passes"]), list(state["weights"]))
+        return cls(list(state["batches"]), list(state["passes"]), list(state["weights"]), bool(state["preselected"]))
 
 
-def share_selection(
-    per_rank: list[list[Tensor]], pick: Picker, interrupt: int
-) -> tuple[list[Share], int]:
+def candidate_plan(candidates: list[Tensor], *, plain: bool, interrupt: int) -> EpochPlan:
+    """A plain or fresh epoch's plan: every candidate batch, in order; plain epochs and
+    ``interrupt`` batches pass through unchanged."""
+    plan = EpochPlan()
+    for i, ids in enumerate(candidates):
+        plan.append(ids, passed=plain or is_interrupt_batch(i, interrupt))
+    return plan
+
+
+def fill_unseen(losses: Tensor, known: Tensor, sizes: list[int]) -> Tensor:
+    """Give ids never measured a loss above every measured one of their source batch (so a
+    never-seen example is preferred over one known to be easy). Fills ``losses`` in place."""
+    if bool(known.all()):
+        return losses
+    for part, seen in zip(torch.split(losses, sizes), torch.split(known, sizes)):
+        top = float(part[seen].max()) if bool(seen.any()) else 0.0
+        part[~seen] = top + 1.0  # a view: fills ``losses``
+    return losses
+
+
+def select_from_cache(
+    policy: SelectionPolicy, batches: list[Tensor], losses: Tensor, generator: torch.Generator
+) -> list[Selection]:
+    """The policy's selection from each candidate batch, given the batches' cached ``losses``
+    (concatenated in batch order)."""
+    if not batches:
+        return []
+    parts = list(torch.split(losses, [b.numel() for b in batches]))
+    return policy.select_many(parts, generator)
+
+
+def share_selection(per_rank: list[list[Tensor]], pick: Picker, interrupt: int) -> tuple[list[Share], int]:
     """Select from every rank's candidate batches and deal the result out evenly.
 
     ``pick`` gets every candidate batch that is not an ``interrupt`` batch in one list, source
@@ -69,8 +115,8 @@ def share_selection(
     ]
     picked = pick([ids for _, ids in order])
     by_batch: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
-    for (i, ids), (rows, weight) in zip(order, picked):
-        by_batch.setdefault(i, []).append((ids[rows], weight))
+    for (i, ids), selection in zip(order, picked):
+        by_batch.setdefault(i, []).append((ids[selection.rows], selection.weights))
     shares: list[Share] = [[] for _ in range(world)]
     for i, parts in by_batch.items():
         ids = torch.cat([kept for kept, _ in parts])
@@ -97,7 +143,7 @@ def cut_plan(
     is exactly ``batch_size``, so it needs no copy. ``interrupt`` batches of ``local`` go in at
     their place, whole. The remainder is loaded unless ``last_batch == "drop"``.
     """
-    plan = EpochPlan()
+    plan = EpochPlan(preselected=True)
     by_batch = {i: (ids, w) for i, ids, w in share}
     queue = torch.empty(0, dtype=torch.long)
     queued_weights: Tensor | None = None

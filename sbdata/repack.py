@@ -17,9 +17,7 @@ from torch import Tensor
 
 from .batches import flatten, unflatten
 
-__all__ = ["LAST_BATCH_MODES", "Repacker", "count_output_batches"]
-
-LAST_BATCH_MODES = ("yield", "drop", "carry")
+__all__ = ["Repacker", "count_output_batches"]
 
 
 def count_output_batches(

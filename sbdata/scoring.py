@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import flatten, get_field
+
 __all__ = [
     "INTERPOLATION_MODES",
     "LossFn",
@@ -29,6 +31,7 @@ __all__ = [
     "per_example_loss",
     "preserved_model_state",
     "replace_nonfinite",
+    "score_batch",
     "score_inputs",
 ]
 
@@ -121,6 +124,13 @@ def preserved_model_state(
                 buf.copy_(value)
 
 
+def _autocast(inputs: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = inputs.device.type if isinstance(inputs, Tensor) else "cpu"
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
 def score_inputs(
     model: nn.Module,
     inputs: Any,
@@ -133,15 +143,47 @@ def score_inputs(
     modules: Sequence[nn.Module] | None = None,
 ) -> Tensor:
     """Per-example losses of ``model`` on ``(inputs, targets)``, under ``no_grad``."""
-    device_type = inputs.device.type if isinstance(inputs, Tensor) else "cpu"
-    amp = (
-        torch.autocast(device_type=device_type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with torch.no_grad(), preserved_model_state(model, mode, modules), amp:
+    with torch.no_grad(), preserved_model_state(model, mode, modules), _autocast(inputs, autocast_dtype):
         small = downsample(inputs, scale_factor) if isinstance(inputs, Tensor) else inputs
-        return loss_fn(model(small), targets)
+        outputs = model(small)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                f"the model returned a {type(outputs).__name__}, not a tensor of logits, so the built-in "
+                "loss cannot use it; pass loss_fn=(outputs, targets) -> per-example losses that reads "
+                "it, or score_fn=(model, batch) -> per-example losses"
+            )
+        return loss_fn(outputs, targets)
+
+
+def score_batch(
+    model: nn.Module, batch: Any, config: Any, loss_fn: LossFn | None, modules: Sequence[nn.Module]
+) -> tuple[Any, str]:
+    """Raw per-example losses of ``batch`` and what produced them (``"score_fn"`` or
+    ``"loss_fn"``, for error messages). ``score_fn`` runs under the same guarantees as the
+    built-in pass: no gradients, the configured scoring mode, model mode and BatchNorm buffers
+    restored, and autocast (NOTE [ Scoring leaves the model untouched ])."""
+    if config.score_fn is not None:
+        with torch.no_grad(), preserved_model_state(model, config.scoring_mode, modules), _autocast(
+            _first_tensor(batch), config.autocast_dtype
+        ):
+            return config.score_fn(model, batch), "score_fn"
+    inputs = get_field(batch, config.input_key, argument="input_key")
+    targets = get_field(batch, config.target_key, argument="target_key")
+    losses = score_inputs(
+        model,
+        inputs,
+        targets,
+        loss_fn,  # type: ignore[arg-type]
+        scale_factor=config.scale_factor,
+        mode=config.scoring_mode,
+        autocast_dtype=config.autocast_dtype,
+        modules=modules,
+    )
+    return losses, "loss_fn"
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    return next((leaf for leaf in flatten(batch)[0] if isinstance(leaf, Tensor)), None)
 
 
 NONFINITE_MODES = ("raise", "lowest", "highest")

@@ -1,0 +1,9 @@
+"""Glue between sbdata and training frameworks.
+
+Each integration lives in its own module and imports its framework only when that module is
+imported, so ``import sbdata`` never needs them:
+
+* :mod:`sbdata.integrations.lightning` -- :class:`~sbdata.integrations.lightning.SelectiveBackprop`,
+  a Lightning ``Callback`` for a ``SelectiveBatchLoader`` returned from ``train_dataloader()``
+  (``pip install lightning``).
+"""

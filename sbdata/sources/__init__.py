@@ -1,0 +1,58 @@
+"""Sources: adapters from what the user wraps to what the loader needs.
+
+* :class:`~sbdata.sources.base.Source`: the interface, with its declared capabilities.
+* :class:`~sbdata.sources.dataloader.DataLoaderSource`: a map-style ``DataLoader`` (or
+  torchdata's ``StatefulDataLoader``), rebuilt to load chosen id batches.
+* :class:`~sbdata.sources.iterable.IterableSource`: any re-iterable of batches;
+  :class:`~sbdata.sources.iterable.StatefulSource` when it keeps its own position.
+* ``sbdata.sources.ffcv.FFCVSource``: an FFCV ``Loader`` (imported only when one is wrapped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .base import Source, close_iterator, default_batch_sizes, forward_set_epoch
+from .dataloader import DataLoaderSource, PlannedBatchSampler, rebuildable
+from .iterable import IterableSource, StatefulSource, is_stateful
+
+__all__ = [
+    "DataLoaderSource",
+    "IterableSource",
+    "PlannedBatchSampler",
+    "Source",
+    "StatefulSource",
+    "close_iterator",
+    "default_batch_sizes",
+    "forward_set_epoch",
+    "make_source",
+]
+
+
+def make_source(loader: Any) -> Source:
+    """Pick the source for ``loader``."""
+    if not isinstance(loader, Iterable):
+        raise TypeError(
+            f"loader must be a DataLoader, an FFCV Loader or a re-iterable of batches, got "
+            f"{type(loader).__name__}"
+        )
+    if isinstance(loader, Iterator):
+        raise TypeError(
+            f"loader is a one-shot iterator ({type(loader).__name__}); it would be empty after the "
+            "first epoch. Pass a re-iterable (a DataLoader, a list, or an object whose __iter__ "
+            "starts a new pass)"
+        )
+    if _is_ffcv_loader(loader):
+        from .ffcv import FFCVSource
+
+        return FFCVSource(loader)
+    if rebuildable(loader):
+        return DataLoaderSource(loader)
+    if is_stateful(loader):
+        return StatefulSource(loader)
+    return IterableSource(loader)
+
+
+def _is_ffcv_loader(loader: Any) -> bool:
+    return any(cls.__module__.startswith("ffcv.") and cls.__name__ == "Loader" for cls in type(loader).__mro__)
