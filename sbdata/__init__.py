@@ -7,10 +7,13 @@ re-packs them into full-size batches, so the training loop stays as it is.
 
 from .cache import LossCache as LossCache
 from .loader import SelectiveBatchLoader as SelectiveBatchLoader
+from .config import LoaderConfig as LoaderConfig
 from .policies import (
+    BasePolicy as BasePolicy,
     InfoBatchPolicy as InfoBatchPolicy,
     RandomPolicy as RandomPolicy,
     RankPolicy as RankPolicy,
+    Selection as Selection,
     SelectionPolicy as SelectionPolicy,
     ThresholdPolicy as ThresholdPolicy,
     TopKPolicy as TopKPolicy,
@@ -21,12 +24,15 @@ from .stats import EpochStats as EpochStats, LoaderStats as LoaderStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "BasePolicy",
     "EpochStats",
     "InfoBatchPolicy",
+    "LoaderConfig",
     "LoaderStats",
     "LossCache",
     "RandomPolicy",
     "RankPolicy",
+    "Selection",
     "SelectionPolicy",
     "SelectiveBatchLoader",
     "ThresholdPolicy",

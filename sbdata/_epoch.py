@@ -99,8 +99,9 @@ class EpochIterator(Iterator[Any]):
         return self._run.epoch
 
     @property
-    def length(self) -> int:
-        """Batches this epoch yields in all (exact for exact policies; a bound otherwise)."""
+    def length(self) -> int | None:
+        """Batches this epoch yields in all (exact for exact policies, a bound otherwise;
+        ``None`` while the source's batch sizes are unknown)."""
         return self._run.length
 
     @property
@@ -115,6 +116,8 @@ class EpochIterator(Iterator[Any]):
         return self
 
     def __len__(self) -> int:
+        if self._run.length is None:
+            return self._run._sb.epoch_length(self.epoch)  # raises the TypeError that explains why
         return self._run.length
 
     def __next__(self) -> Any:
@@ -135,7 +138,7 @@ class EpochIterator(Iterator[Any]):
             self.close("ended by an error")
             raise
         run.yielded += 1
-        if run.exact and run.yielded >= run.length:  # NOTE [ The epoch ends with its last batch ]
+        if run.exact and run.yielded >= run.length:  # type: ignore[operator]  # NOTE [ The epoch ends with its last batch ]
             for _ in self._stream:
                 raise RuntimeError(f"epoch {run.epoch} yielded more batches than len()={run.length}")
             run.finish()
@@ -168,10 +171,10 @@ class EpochRun:
         self.epoch = epoch
         cfg = sb.config
         self.mode: str = resume["mode"] if resume else sb.mode(epoch)
-        carried = sb._take_carried()
-        carried_rows = len(carried) if isinstance(carried, Repacker) else (int(carried["origin"].shape[0]) if carried else 0)
-        self.length: int = resume["length"] if resume else sb.epoch_length(epoch, carried=carried_rows)
-        self.exact = self.mode == PLAIN or sb.policy.exact
+        carried = self._carried = sb._take_carried()
+        self._resume = resume
+        self.length: int | None = resume["length"] if resume else self._length(carried)
+        self.exact = self.length is not None and (self.mode == PLAIN or sb.policy.exact)
         self.yielded: int = resume["yielded"] if resume else 0
         self.consumed: int = resume["consumed"] if resume else 0
         self.plan: EpochPlan | None = EpochPlan.from_state(resume["plan"]) if resume and resume["plan"] else None
@@ -182,11 +185,18 @@ class EpochRun:
         self.repacker = carried if isinstance(carried, Repacker) else Repacker(sb.batch_size)
         self._queued = resume["queued"] if resume else (carried if isinstance(carried, dict) else None)
         self.ready: collections.deque[dict[str, Any]] = collections.deque()
-        self.stats: EpochStats = sb.stats.current if resume else sb.stats.begin(epoch, self.mode)
+        self.stats = EpochStats(epoch=epoch, mode=self.mode)  # the loader's, from the first next()
         self._resumed = resume is not None
         self._started = False
         self.finished = False
         self._scorer_modules = list(sb.model.modules())  # walked once per epoch, not per batch
+
+    def _length(self, carried: Repacker | dict[str, Any] | None) -> int | None:
+        rows = len(carried) if isinstance(carried, Repacker) else (int(carried["origin"].shape[0]) if carried else 0)
+        try:
+            return self._sb.epoch_length(self.epoch, carried=rows)
+        except TypeError:  # batch sizes unknown until the source has been iterated once
+            return None
 
     def finish(self) -> None:
         if self.finished:
@@ -196,6 +206,9 @@ class EpochRun:
         _log_epoch(self.stats, completed=True)
 
     def abandon(self) -> None:
+        if not self._started:  # iter() without next() (a probe, as Lightning makes): give the epoch back
+            self._sb._epoch_given_back(self.epoch, self._resume, self._carried)
+            return
         self.repacker.clear()
         self.ready.clear()
         self._sb._epoch_ended(self, completed=False)
@@ -225,8 +238,9 @@ class EpochRun:
     # ------------------------------------------------------------------ the epoch
 
     def batches(self) -> Iterator[Any]:
-        self._started = True
         sb = self._sb
+        self._started = True
+        self.stats = sb.stats.current if self._resumed else sb.stats.begin(self.epoch, self.mode)
         sb._source.set_epoch(self.epoch)
         yield from self._restore(self._queued)
         if sb._source.loads_ids:
@@ -456,7 +470,7 @@ class EpochRun:
 
     def equal_counts(self, stream: Iterator[Any]) -> Iterator[Any]:
         """Yield the same number of batches on every rank (NOTE [ Equal batches on every rank ])."""
-        local = self.length - self.yielded if self.exact else None
+        local = self.length - self.yielded if self.exact and self.length is not None else None
 
         def drop_surplus(batch: Any | None) -> None:
             self.stats.dropped += (batch_length(batch) if batch is not None else 0) + len(self.repacker)

@@ -77,7 +77,7 @@ class LoaderConfig:
         keep = self.keep
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
             raise ValueError(
-                f"keep must be a float in (0, 1], got keep={keep!r}; keep=1 disables selection"
+                f"keep must be in (0, 1], got keep={keep!r}; keep=1 disables selection"
                 + (" (pass a Python float, e.g. keep=float(t))" if isinstance(keep, Tensor) else "")
             )
         object.__setattr__(self, "keep", float(keep))
@@ -104,15 +104,15 @@ class LoaderConfig:
         stale = self.stale
         if not (stale is None or stale == "once" or (_is_int(stale) and stale >= 1)):
             raise ValueError(
-                f"stale must be None, an int >= 1 (rescore every n epochs) or 'once' (score once, "
-                f"then keep losses current with record()), got stale={stale!r}"
+                f"stale must be None or an int >= 1 (rescore every n epochs), or 'once' (score once, "
+                f"then keep losses current with record()); got stale={stale!r}"
             )
 
     def _check_modes(self) -> None:
         if self.last_batch is not None and self.last_batch not in LAST_BATCH_MODES:
             raise ValueError(
-                f"last_batch must be one of {LAST_BATCH_MODES} or None (follow the wrapped "
-                f"loader's drop_last), got last_batch={self.last_batch!r}"
+                f"last_batch must be one of {LAST_BATCH_MODES}, got last_batch={self.last_batch!r} "
+                "(or None: follow the wrapped loader's drop_last)"
             )
         if self.scoring_mode not in SCORING_MODES:
             raise ValueError(f"scoring_mode must be 'eval' or 'train', got scoring_mode={self.scoring_mode!r}")

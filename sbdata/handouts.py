@@ -65,10 +65,11 @@ class HandoutQueue:
             self._forgotten = 0
         self._recorded_since_epoch = 0
 
-    def pop(self, ids: Tensor | None = None) -> Handout:
-        """The handout ``record()`` is about: the oldest one, or the one holding ``ids``."""
+    def peek(self, ids: Tensor | None = None) -> Handout:
+        """The handout ``record()`` is about: the oldest one, or the one holding ``ids``.
+        It stays queued until :meth:`remove` (a ``record()`` that fails changes nothing)."""
         if ids is not None:
-            return self._pop_matching(ids)
+            return self._matching(ids)
         if self._forgotten:
             raise RuntimeError(
                 f"record() cannot tell which batch these losses belong to: {self._forgotten} yielded "
@@ -82,22 +83,25 @@ class HandoutQueue:
                 if self.last is not None
                 else "record() was called before any batch was yielded; call it after each batch"
             )
-        return self._taken(self._waiting.popleft())
+        return self._waiting[0]
 
-    def _pop_matching(self, ids: Tensor) -> Handout:
+    def _matching(self, ids: Tensor) -> Handout:
         ids = torch.as_tensor(ids).cpu().long().flatten()
-        for k, handout in enumerate(self._waiting):
+        for handout in self._waiting:
             if handout.ids is not None and handout.ids.numel() == ids.numel() and torch.equal(handout.ids, ids):
-                del self._waiting[k]
-                return self._taken(handout)
+                return handout
         raise ValueError(
-            f"record(ids=...) got ids {ids[:8].tolist()}... that match no yielded, unrecorded batch; "
+            f"record(ids=...) got ids {ids[:8].tolist()} that match no yielded, unrecorded batch; "
             "pass the ids of a batch this loader yielded (in its row order), each batch once"
         )
 
-    def _taken(self, handout: Handout) -> Handout:
-        self._recorded_since_epoch += 1
-        return handout
+    def remove(self, handout: Handout) -> None:
+        """Mark ``handout`` (from :meth:`peek`) recorded."""
+        for k, waiting in enumerate(self._waiting):
+            if waiting is handout:
+                del self._waiting[k]
+                self._recorded_since_epoch += 1
+                return
 
     def only_waiting(self) -> Handout | None:
         """The single batch waiting to be recorded; ``None`` if none; raises if several."""

@@ -178,7 +178,7 @@ class SelectiveBatchLoader:
     # ------------------------------------------------------------------ configuration
 
     def __getattr__(self, name: str) -> Any:
-        if name in OPTION_NAMES:  # keep, batch_size, epochs, ...: read-only views of the config
+        if name in OPTION_NAMES and "config" in self.__dict__:  # keep, batch_size, ...: read-only
             return getattr(self.__dict__["config"], name)
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
@@ -203,6 +203,14 @@ class SelectiveBatchLoader:
     @property
     def dataset(self) -> Any:
         return getattr(self.loader, "dataset", None)
+
+    @property
+    def sampler(self) -> Any:
+        return getattr(self.loader, "sampler", None)
+
+    @property
+    def batch_sampler(self) -> Any:
+        return getattr(self.loader, "batch_sampler", None)
 
     # ------------------------------------------------------------------ epochs and lengths
 
@@ -286,8 +294,8 @@ class SelectiveBatchLoader:
         progress bar should be sized from. See :meth:`epoch_length`."""
         live = self._live()
         if live is not None:
-            return live.length
-        if self._resume is not None:
+            return len(live)
+        if self._resume is not None and self._resume["length"] is not None:
             return int(self._resume["length"])
         return self.epoch_length(self._epoch, self._carried_rows())
 
@@ -337,6 +345,15 @@ class SelectiveBatchLoader:
         if live is None or live._run is run:
             self._live_ref = None
 
+    def _epoch_given_back(self, epoch: int, resume: dict[str, Any] | None, carried: Any) -> None:
+        """An iterator closed before its first ``next()`` returns its epoch, unless another
+        ``iter()`` has claimed a later one since."""
+        if self._epoch == epoch + 1:
+            self._epoch, self._resume, self._carried = epoch, resume, carried
+        live = self._live_ref() if self._live_ref is not None else None
+        if live is None or live._run.epoch == epoch:
+            self._live_ref = None
+
     def _take_carried(self) -> Repacker | dict[str, Any] | None:
         carried, self._carried = self._carried, None
         return carried
@@ -374,16 +391,18 @@ class SelectiveBatchLoader:
             RuntimeError: no batch is waiting to be recorded, or the pairing is unknown.
             ValueError: ``losses`` is not one finite loss per example of that batch.
         """
-        handout = self._handouts.pop(ids)
+        handout = self._handouts.peek(ids)
         checked = check_losses(losses, handout.size, source="record()", ids=handout.ids, nonfinite=self.nonfinite)
-        if self.stale is not None:
-            if handout.ids is None:
-                raise RuntimeError(
-                    "record() needs the example ids of the batch, and none are known; return each "
-                    "example's index from the dataset and pass index_key="
-                )
-            self._cache_update(handout.ids, checked, handout.epoch)
+        if self.stale is not None and handout.ids is None:
+            raise RuntimeError(
+                "record() needs the example ids of the batch, and none are known; return each "
+                "example's index from the dataset and pass index_key="
+            )
+        self._handouts.remove(handout)
+        if handout.ids is not None:
             self.stats.current.recorded += handout.size
+        if self.stale is not None:
+            self._cache_update(handout.ids, checked, handout.epoch)  # type: ignore[arg-type]
         if handout.weights is None:
             return losses
         return losses * handout.weights.to(device=losses.device, dtype=losses.dtype)

@@ -135,9 +135,10 @@ def _draw_weighted(weights: Tensor, k: int, generator: torch.Generator | None) -
     """``k`` distinct positions drawn one after another, each with probability proportional to
     its weight among those left, like ``torch.multinomial(weights, k, replacement=False)``.
 
-    Done as a Gumbel top-k race in log space, so weights of any scale work (no underflow when
-    every weight is tiny) and zero weights never fail the draw: positions of weight 0 are only
-    taken once the positive ones run out, uniformly at random among themselves. Sorted.
+    Done as a Gumbel top-k race in log space, so only the ratios of the weights matter (a batch
+    whose weights are all about 1e-60 is drawn as faithfully as one near 1; a probability floor
+    would flatten it) and zero weights never fail the draw: positions of weight 0 are only taken
+    once the positive ones run out, uniformly at random among themselves. Sorted.
     """
     n = weights.numel()
     if k == 0:

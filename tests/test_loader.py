@@ -14,12 +14,13 @@ from .conftest import (
     make_batch,
     selected_ids,
 )
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from sbdata import SelectiveBatchLoader
+from sbdata import SelectiveBatchLoader, ThresholdPolicy
+from sbdata.policies import BasePolicy
 
 DTYPES = (torch.float32, torch.float16, torch.float64)
 
@@ -98,6 +99,7 @@ def test_every_selected_example_is_yielded_exactly_once_in_full_batches(
 def test_len_is_exact_from_the_first_epoch_for_a_dataloader(
     n, source_batch, keep, batch_size, kind, last_batch
 ):
+    assume(int(keep * source_batch) >= 1)  # otherwise refused at construction (tests/test_errors.py)
     loader = DataLoader(
         list(range(n)), batch_size=source_batch,
         collate_fn=lambda ids: make_batch(kind, ids),
@@ -162,14 +164,14 @@ def test_len_equals_the_batches_yielded_for_exact_count_policies(policy, last_ba
             assert all(len(x) in (5, 8) for x, _ in yielded)  # full or passed through
 
 
-def test_len_is_a_bound_never_exceeded_by_the_threshold_policy():
+def test_len_is_a_bound_never_exceeded_by_the_bernoulli_threshold_policy():
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(70, 4, generator=gen), torch.randint(0, 3, (70,), generator=gen))
     loader = DataLoader(data, batch_size=10)
     for seed in range(3):
         sb = SelectiveBatchLoader(
-            loader, nn.Linear(4, 3), keep=0.5, policy="threshold", batch_size=4, seed=seed,
-            loss_fn=lambda out, tgt: torch.rand(len(tgt), generator=gen),
+            loader, nn.Linear(4, 3), keep=0.5, policy=ThresholdPolicy(0.5, count="bernoulli"), batch_size=4,
+            seed=seed, loss_fn=lambda out, tgt: torch.rand(len(tgt), generator=gen),
         )
         for _ in range(3):
             bound = len(sb)
@@ -177,14 +179,26 @@ def test_len_is_a_bound_never_exceeded_by_the_threshold_policy():
         assert bound == 70 // 4 + 1  # every example may be kept
 
 
+@pytest.mark.parametrize("policy", ["threshold", "infobatch"])
+def test_len_is_exact_for_the_default_count_exact_threshold_and_infobatch(policy):
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(70, 4, generator=gen), torch.randint(0, 3, (70,), generator=gen))
+    for seed in range(3):
+        sb = SelectiveBatchLoader(
+            DataLoader(data, batch_size=10), nn.Linear(4, 3), keep=0.5, policy=policy, batch_size=4,
+            seed=seed, loss_fn=lambda out, tgt: torch.rand(len(tgt), generator=gen),
+        )
+        for _ in range(3):
+            expected = len(sb)
+            assert len(list(sb)) == expected == 35 // 4 + 1
+
+
 def test_rank_keeps_exactly_int_keep_times_n_per_source_batch_through_the_loader():
     sizes = [10, 10, 7]
     batches = [make_batch("tuple", ids) for ids in consecutive_ids(sizes)]
     kept_per_batch = []
 
-    class CountingRank:
-        exact = True
-
+    class CountingRank(BasePolicy):
         def __init__(self):
             from sbdata import RankPolicy
 
@@ -194,9 +208,9 @@ def test_rank_keeps_exactly_int_keep_times_n_per_source_batch_through_the_loader
             return self.inner.count(n)
 
         def select(self, losses, generator):
-            rows = self.inner.select(losses, generator)
-            kept_per_batch.append(rows.numel())
-            return rows
+            selection = self.inner.select(losses, generator)
+            kept_per_batch.append(selection.rows.numel())
+            return selection
 
         def state_dict(self):
             return {}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sbdata import LossCache, SelectiveBatchLoader
+from sbdata import InfoBatchPolicy, LossCache, SelectiveBatchLoader
 
 from .conftest import Echo, IndexedPairs, id_loss, loss_from_x
 
@@ -126,7 +126,7 @@ def test_record_rejects_bad_losses():
     with pytest.raises(ValueError, match="non-finite"):
         sb.record(torch.tensor([float("nan")] + [0.0] * 7))
     sb.record(torch.zeros(8))
-    with pytest.raises(RuntimeError, match="already"):
+    with pytest.raises(RuntimeError, match="more times than batches were yielded"):
         sb.record(torch.zeros(8))
 
 
@@ -239,14 +239,15 @@ def test_infobatch_weights_in_a_stale_epoch_use_the_running_mean_as_of_each_sour
     n, size = 64, 8
     loader = DataLoader(IndexedPairs(n), batch_size=size, shuffle=False)
     sb = SelectiveBatchLoader(
-        loader, Echo(), keep=0.5, policy="infobatch", stale=2, index_key=2,
+        loader, Echo(), keep=0.5, policy=InfoBatchPolicy(0.5, count="bernoulli"), stale=2, index_key=2,
         loss_fn=lambda out, y: out[:, 0].float() + 1,
     )  # fmt: skip
     list(sb)  # epoch 0: fresh, every batch scored in order
     seen = torch.arange(1, n + 1, dtype=torch.float64)  # the policy's history after epoch 0
     rows = 0
     for batch in sb:  # epoch 1: stale, planned from the cache
-        for i, w in zip(batch[2].tolist(), sb.batch_weights.tolist()):
+        weights = sb.record(torch.ones(len(batch[2])))  # the batch's weights times ones
+        for i, w in zip(batch[2].tolist(), weights.tolist()):
             b = i // size  # source batch: the mean includes epoch 1's batches up to this one
             mean = float(torch.cat([seen, torch.arange(1, (b + 1) * size + 1, dtype=torch.float64)]).mean())
             assert w == (2.0 if i + 1 < mean else 1.0), (i, w, mean)
