@@ -95,17 +95,14 @@ def train(model, loader, epochs):
     steps = examples = 0
     began = time.perf_counter()
     for epoch in range(epochs):
-        steps_this_epoch = len(loader)  # exact for "rank"; an upper bound for "infobatch"
+        steps_this_epoch = len(loader)  # exact, this epoch's own length
         for i, (x, y) in enumerate(loader):
             progress = (epoch + i / steps_this_epoch) / epochs
             for group in opt.param_groups:
                 group["lr"] = hyp["lr"] * (1.0 - progress)
             losses = F.cross_entropy(model(x), y, reduction="none")
             if record is not None:
-                record(losses.detach())  # keeps the loss cache fresh: no scoring passes needed
-            weights = getattr(loader, "batch_weights", None)  # set by reweighting policies
-            if weights is not None:
-                losses = losses * weights
+                losses = record(losses)  # refreshes the loss cache and applies the batch's weights
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
             opt.step()

@@ -240,6 +240,8 @@ class EpochRun:
     def batches(self) -> Iterator[Any]:
         sb = self._sb
         self._started = True
+        if not self._resumed and self.mode != PLAIN:
+            self.mode = sb.mode(self.epoch)  # fresh or stale: decided from the cache as it is now
         self.stats = sb.stats.current if self._resumed else sb.stats.begin(self.epoch, self.mode)
         sb._source.set_epoch(self.epoch)
         yield from self._restore(self._queued)

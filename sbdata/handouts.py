@@ -95,6 +95,10 @@ class HandoutQueue:
             "pass the ids of a batch this loader yielded (in its row order), each batch once"
         )
 
+    def has_epoch(self, epoch: int) -> bool:
+        """Whether a batch of ``epoch`` is still waiting to be recorded."""
+        return any(h.epoch == epoch for h in self._waiting)
+
     def remove(self, handout: Handout) -> None:
         """Mark ``handout`` (from :meth:`peek`) recorded."""
         for k, waiting in enumerate(self._waiting):

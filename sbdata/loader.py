@@ -148,6 +148,7 @@ class SelectiveBatchLoader:
         self._resume: dict[str, Any] | None = None  # a mid-epoch position to continue from
         self._carried: Repacker | dict[str, Any] | None = None  # rows carried into the next epoch
         self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
+        self._last_finished = -1  # the last epoch that ended on every rank (distributed only)
 
     @staticmethod
     def _resolve(config: LoaderConfig, source: Source, model: nn.Module, loader: Any) -> LoaderConfig:
@@ -168,8 +169,8 @@ class SelectiveBatchLoader:
         return config.resolved(batch_size=batch_size, last_batch=last_batch, device=device)
 
     def _check_keeps_rows(self) -> None:
-        size = self._source.batch_size() or self.batch_size
-        if self._policy.exact and self._policy.count(size) == 0:
+        size = self._source.batch_size() or max(self._source.batch_sizes() or [0])
+        if size and self._policy.exact and self._policy.count(size) == 0:
             raise ValueError(
                 f"keep={self.keep} keeps int({self.keep} * {size}) = 0 rows of each source batch of "
                 f"{size}; raise keep to at least 1/{size} = {1 / size:.4f}, or use larger source batches"
@@ -337,8 +338,8 @@ class SelectiveBatchLoader:
         """Called once by the epoch's run when it finishes or is abandoned."""
         self._carried = run.repacker if completed and self.last_batch == "carry" and len(run.repacker) else None
         if completed and dist_utils.is_distributed():
-            pending, self._pending = self._pending, []
-            dist_utils.share_cache_updates(self.cache, pending)
+            self._last_finished = run.epoch
+            self._share_cache_updates()
             dist_utils.share_policy_state(self._policy)
         self.stats.end()
         live = self._live_ref() if self._live_ref is not None else None
@@ -403,6 +404,8 @@ class SelectiveBatchLoader:
             self.stats.current.recorded += handout.size
         if self.stale is not None:
             self._cache_update(handout.ids, checked, handout.epoch)  # type: ignore[arg-type]
+            if handout.epoch == self._last_finished and not self._handouts.has_epoch(handout.epoch):
+                self._share_cache_updates()  # the ended epoch's last batch: NOTE [ Cache updates reach every rank ]
         if handout.weights is None:
             return losses
         return losses * handout.weights.to(device=losses.device, dtype=losses.dtype)
@@ -420,6 +423,15 @@ class SelectiveBatchLoader:
         waiting = self._handouts.only_waiting()
         handout = waiting or self._handouts.last
         return None if handout is None or handout.weights is None else handout.weights.to(self.device)
+
+    def _share_cache_updates(self) -> None:
+        """NOTE [ Cache updates reach every rank ] Under ``torch.distributed`` every rank sends
+        its cache updates (scores and ``record()`` losses) to the others when an epoch ends, and
+        once more when ``record()`` takes the last batch of an ended epoch (the training step of
+        the last batch runs after the epoch ended), so every rank starts the next epoch, and
+        rank 0 saves it, with the same cache."""
+        pending, self._pending = self._pending, []
+        dist_utils.share_cache_updates(self.cache, pending)
 
     def _cache_update(self, ids: Tensor, losses: Tensor, epoch: int) -> None:
         self.cache.update(ids, losses, epoch)

@@ -48,8 +48,6 @@ from typing import Any
 
 __all__ = ["NEEDS_RECORD", "NEEDS_WEIGHTS", "RECIPES", "recipe"]
 
-_ONCE = 10**6  # stale=_ONCE: score once, then record() keeps the cache fresh
-
 #: name -> (SelectiveBatchLoader kwargs without epochs, epoch budget as a multiple of plain's).
 #: Ratios: time to the target over plain training's time to it, CPU-time clock, MNIST-1D,
 #: ``python -m sbdata.bench --out docs/bench`` (docs/bench/results.md).
@@ -63,7 +61,7 @@ RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     # examples: 99.10 %, never lossless. The unbiased reweighting is what wins: rank selection
     # stalls just under the target unless whole batches are mixed in (interrupt), which costs
     # more (0.74-0.78x). Goal (<= 0.6x) NOT met.
-    "lossless": (dict(keep=0.2, policy="infobatch", stale=_ONCE, start=0.04), 1.5),
+    "lossless": (dict(keep=0.3, policy="infobatch", stale="once", start=0.04), 1.5),
     # "fast": fastest to 1.4x plain's final error. One plain warm-up epoch, then keep only
     # 0.12 of every source batch (Composer's rank draw over record()-refreshed losses, no
     # interrupt batches) for 1.5x plain's epochs: a selective epoch costs ~0.13 of a plain one,
@@ -71,11 +69,11 @@ RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     # plain's error at its 11th epoch: 0.41x (0.37-0.42x over seven runs), 99.08 % +- 0.07 at
     # the end. Random selection at the same cost: 98.83 %, never there. Tuned on
     # MNIST-1D; too few steps per epoch on a set as small as digits (1.3k images).
-    "fast": (dict(keep=0.12, policy="rank", stale=_ONCE, start=0.04), 1.5),
+    "fast": (dict(keep=0.12, policy="rank", stale="once", start=0.04), 1.5),
     # "balanced": plain's own budget, one plain epoch first and one last, keep 0.5 with every
     # 4th batch plain: 99.23 % +- 0.02 for 0.79x plain's time and 72 % of its backprops; the
     # lossless target at 0.91x, 1.4x plain's error at 0.76x. Random selection: 99.19 %.
-    "balanced": (dict(keep=0.5, policy="rank", stale=_ONCE, start=0.1, end=0.85, interrupt=4), 1.0),
+    "balanced": (dict(keep=0.5, policy="rank", stale="once", start=0.1, end=0.85, interrupt=4), 1.0),
 }
 
 #: Whether the training loop must call ``sb.record(per_example_losses)`` after every batch.

@@ -74,7 +74,7 @@ def test_recipe_returns_loader_kwargs_with_its_own_epoch_budget(name):
     assert sbdata.recipe(name, 8)["keep"] == original != 0.99
     kwargs["keep"] = original
     data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
     sb = SelectiveBatchLoader(loader, torch.nn.Linear(3, 2), **kwargs)
     assert sb.epochs == kwargs["epochs"]
 

@@ -95,23 +95,35 @@ def test_recorded_losses_reach_every_rank():
     assert int((c0 == 500.0).sum()) == N // 4 and int((c0 == 501.0).sum()) == N // 4
 
 
-def _state_worker(rank: int, world: int):
-    sb = make(rank, world, policy="threshold", stale=2)
-    epochs_of(sb, 1)
-    state = sb.state_dict()
-    fresh = make(rank, world, policy="threshold", stale=2)
-    fresh.load_state_dict(state)
-    return {
-        "per_rank": len(state["per_rank"]),
-        "same_generator": torch.equal(fresh.generator.get_state(), sb.generator.get_state()),
-        "world_size": state["fingerprint"]["world_size"],
-        "next": epochs_of(fresh, 1)[0]["ids"] == epochs_of(sb, 1)[0]["ids"],
-    }
+def _rank0_saves_worker(path: str, config: dict):
+    def work(rank: int, world: int):
+        reference = make(rank, world, **config)
+        for _, _, idx in reference:  # epoch 0, recording every batch as a training loop would
+            reference.record(idx.float() + rank)
+        if rank == 0:  # the plain DDP habit: only rank 0 checkpoints; state_dict() is local
+            torch.save(reference.state_dict(), path)
+        torch.distributed.barrier()
+        expected = epochs_of(reference, 2)
+        resumed = make(rank, world, **config)
+        resumed.load_state_dict(torch.load(path, weights_only=True))
+        return {"resumed": epochs_of(resumed, 2), "expected": expected}
+
+    return work
 
 
-def test_state_dict_holds_every_ranks_part():
-    for r in run_on_two_ranks(_state_worker):
-        assert r == {"per_rank": 2, "same_generator": True, "world_size": 2, "next": True}
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(policy="threshold", stale=2),
+        dict(policy="infobatch", stale="once"),
+        dict(policy="rank", epochs=4, start=0.25, interrupt=3, last_batch="carry", batch_size=6),
+    ],
+)
+def test_rank_0_alone_saves_and_every_rank_resumes_exactly(tmp_path, config):
+    path = str(tmp_path / "sb.pt")
+    for r in run_on_two_ranks(_rank0_saves_worker(path, config)):
+        assert r["resumed"] == r["expected"]
+        assert [e["mode"] for e in r["expected"]] != ["plain", "plain"]
 
 
 def _collectives_worker(rank: int, world: int):

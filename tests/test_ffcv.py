@@ -139,7 +139,7 @@ def run_epoch(sb: SelectiveBatchLoader, size: int | None = 16) -> list[Tensor]:
     expected_len = len(sb)
     out = []
     for batch in sb:
-        ids = sb._last_ids.clone()
+        ids = sb._handouts.last.ids.clone()
         check_batch(batch, ids, size)
         out.append(ids)
     assert len(out) == expected_len, "len(sb) must equal the number of batches yielded"
@@ -263,8 +263,12 @@ def test_quasi_random_stale_epochs_follow_one_order_per_epoch(loaders: dict) -> 
 
 
 def test_an_empty_stale_epoch_never_reaches_ffcv(loaders: dict) -> None:
-    """keep*batch < 1 selects nothing; an empty order would crash FFCV with os_cache=False."""
-    sb = SelectiveBatchLoader(loaders[OrderOption.QUASI_RANDOM], nn.Identity(), keep=0.05, stale=2, score_fn=IdScorer())
+    """A stale epoch whose selection fills no batch loads nothing; an empty order would crash
+    FFCV with os_cache=False. (keep 1/16 keeps one row of each of the epoch's few source
+    batches: fewer than the 64 rows of one output batch, which is dropped.)"""
+    loader = loaders[OrderOption.QUASI_RANDOM]
+    sb = SelectiveBatchLoader(loader, nn.Identity(), keep=1 / 16, stale=2, score_fn=IdScorer(), batch_size=64, last_batch="drop")
+    assert len(loader) * 1 < 64
     assert run_epoch(sb) == []
     assert sb.mode() == "stale" and len(sb) == 0
     assert run_epoch(sb) == [] and sb.stats[1].loaded == 0
@@ -289,7 +293,7 @@ def test_yielded_batches_are_copies_with_dtype_and_memory_format(beton: str) -> 
             x = batch[0]
             assert x.dtype == torch.float16 and x.shape[1:] == (3, SIDE, SIDE)
             assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            kept.append((batch, sb._last_ids.clone()))
+            kept.append((batch, sb._handouts.last.ids.clone()))
         assert [b.numel() for _, b in kept] == [8] * len(kept) and len(kept) == sb.stats[epoch].batches
         for batch, ids in kept:  # checked after the epoch: every buffer slot was reused meanwhile
             check_batch(batch, ids, 8)
@@ -310,7 +314,7 @@ def test_progressive_resizing_through_the_wrapper(beton: str) -> None:
         batches = 0
         for batch in sb:
             assert batch[0].shape == (16, 3, res, res)
-            check_batch(batch, sb._last_ids)
+            check_batch(batch, sb._handouts.last.ids)
             batches += 1
         assert batches == 2 and sb.stats[epoch].mode == ["fresh", "stale"][epoch % 2]
 
@@ -353,6 +357,7 @@ def test_missing_ffcv_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
     monkeypatch.delitem(sys.modules, "sbdata.ffcv")
+    monkeypatch.delitem(sys.modules, "sbdata.sources.ffcv")
     monkeypatch.setitem(sys.modules, "ffcv.loader", None)
     with pytest.raises(ImportError, match=r"pip install 'sbdata\[ffcv\]'"):
         importlib.import_module("sbdata.ffcv")

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -90,7 +90,10 @@ class FakeSelectiveLoader:
         return self._resume["epoch"] if self._resume is not None else self._next
 
     def set_epoch(self, epoch: int) -> None:
-        self._next, self._live, self._resume = epoch, None, None
+        """Sets the epoch the next ``iter()`` claims; a live iterator keeps its own (and ``len``)."""
+        if self._resume is not None and epoch != self._resume["epoch"]:
+            raise ValueError("a mid-epoch state continues its own epoch")
+        self._next = epoch
 
     def __len__(self) -> int:
         return self.length(self.epoch)
@@ -131,7 +134,11 @@ def make_loader(kind: str, model: nn.Module) -> Any:
         return FakeSelectiveLoader()
     from sbdata import SelectiveBatchLoader
 
-    source = DataLoader(blobs(), batch_size=BATCH, shuffle=True)
+    # Shuffled by (seed, epoch), which the loader forwards: the order needs no state of its own to
+    # resume. (shuffle=True draws from the global RNG, which no checkpoint restores.)
+    dataset = blobs()
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    source = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
     return SelectiveBatchLoader(source, model, keep=0.5, epochs=EPOCHS, end=0.5, index_key=2)
 
 
@@ -170,15 +177,16 @@ def fit(
     callbacks: list[Any] | None = None,
     ckpt_path: Path | None = None,
     build_loader_now: bool = False,
+    module: type[Recorder] | None = None,
     **trainer_kwargs: Any,
 ) -> Recorder:
     L.seed_everything(0, verbose=False)
-    model = Recorder(kind, build_loader_now)
+    model = (module or Recorder)(kind, build_loader_now)
     extra = list(callbacks or [])
     if callback:
         extra.insert(0, SelectiveBackprop(model.loader if build_loader_now else None))
+    trainer_kwargs.setdefault("max_epochs", EPOCHS)
     trainer = L.Trainer(
-        max_epochs=EPOCHS,
         callbacks=extra,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in extra),
         default_root_dir=root,
@@ -269,6 +277,36 @@ def test_resume_from_a_checkpoint_without_the_callbacks_state(kind: str, tmp_pat
     torch.save(ckpt, tmp_path / "stripped.ckpt")
     resumed = fit(kind, tmp_path, ckpt_path=tmp_path / "stripped.ckpt")
     assert resumed.seen == full.seen[sum(LENGTHS[:2]) :]
+
+
+class Validated(Recorder):
+    """Also validates, recording the training steps done at each validation."""
+
+    def __init__(self, kind: str, build_loader_now: bool = False) -> None:
+        super().__init__(kind, build_loader_now)
+        self.validated_at: list[int] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return None
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(blobs(16), batch_size=BATCH)
+
+    def on_validation_start(self) -> None:
+        self.validated_at.append(len(self.seen))
+
+
+def test_validation_twice_an_epoch_and_resume_from_its_checkpoints(kind: str, tmp_path: Path) -> None:
+    """val_check_interval=0.5 follows each epoch's length; ModelCheckpoint then saves after each
+    validation, at mid-epoch and at epoch-end positions of Lightning's loops."""
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, every_n_epochs=1)
+    full = fit(kind, tmp_path, callbacks=[saver], module=Validated, val_check_interval=0.5, num_sanity_val_steps=0)
+    assert isinstance(full, Validated)
+    assert per_epoch(full.seen) == LENGTHS
+    assert full.validated_at == [2, 4, 6, 8, 12, 16, 20, 24]
+    for step in (2, 4, 8, 12, 16):
+        resumed = fit(kind, tmp_path, ckpt_path=tmp_path / f"step={step}.ckpt", module=Validated, val_check_interval=0.5)
+        assert resumed.seen == full.seen[step:], f"resumed after step {step}"
 
 
 # ---------------------------------------------------------------- (iv) why the callback exists

@@ -30,7 +30,6 @@ from sbdata.recipes import NEEDS_RECORD, RECIPES, recipe
 from . import report
 from .train import train
 
-BIG = 10**6  # stale=BIG: score once, then only record() updates the loss cache
 
 #: Per-dataset settings. ``epochs`` is plain training's fixed budget.
 HYP: dict[str, dict[str, Any]] = {
@@ -62,12 +61,12 @@ def methods(plain_epochs: int, scale_factor: float) -> dict[str, dict[str, Any]]
         "plain-half": m(None, max(1, E // 2)),
         # The control: loss-blind. policy="random" keeps the scoring pass that the same settings
         # run with a loss-based policy (here one, at the first epoch), so it costs what SB costs.
-        "random": m(dict(keep=0.5, policy="random", stale=BIG)),
+        "random": m(dict(keep=0.5, policy="random", stale="once")),
         "sb-rank": m(dict(keep=0.5, policy="rank")),
         "sb-threshold": m(dict(keep=0.5, policy="threshold")),
         "composer": m(dict(keep=0.5, policy="rank", start=0.5, end=0.9, interrupt=2)),
         "stale-sb-3": m(dict(keep=0.5, policy="rank", stale=3), record=True),
-        "infobatch": m(dict(keep=0.5, policy="infobatch", stale=BIG, end=0.875), record=True),
+        "infobatch": m(dict(keep=0.5, policy="infobatch", stale="once", end=0.875), record=True),
     }
     if sf < 1.0:
         out[f"sb-rank-sf{sf:g}"] = m(dict(keep=0.5, policy="rank", scale_factor=sf))

@@ -23,23 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .__main__ import BIG, HYP, QUICK, dataset_once, run_one
+from .__main__ import HYP, QUICK, dataset_once, run_one
 
 
-def variant(keep: float, budget: float, interrupt: int = 0, policy: str = "rank", stale: int = BIG) -> tuple[dict[str, Any], float]:
+def variant(keep: float, budget: float, interrupt: int = 0, policy: str = "rank", stale: int | str = "once") -> tuple[dict[str, Any], float]:
     """A recipe-shaped setting: ``(SelectiveBatchLoader kwargs without epochs, budget x plain)``."""
     return dict(keep=keep, policy=policy, stale=stale, start=0.04, interrupt=interrupt), budget
 
 
 #: name -> (kwargs, epoch budget as a multiple of plain training's)
 VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
-    # around "lossless" (InfoBatch-style, keep 0.2 of the below-mean examples, 1.5x)
-    "infobatch0.2-x1.5 (lossless)": variant(0.2, 1.5, policy="infobatch"),
-    "infobatch0.2-x1.375": variant(0.2, 1.375, policy="infobatch"),
-    "infobatch0.15-x1.5": variant(0.15, 1.5, policy="infobatch"),
-    "infobatch0.1-x1.5": variant(0.1, 1.5, policy="infobatch"),
-    "infobatch0.3-x1.25": variant(0.3, 1.25, policy="infobatch"),
-    "infobatch0.2-int8-x1.5": variant(0.2, 1.5, 8, policy="infobatch"),
+    # around "lossless" (InfoBatch-style: every above-mean example, the rest of keep 0.3 of
+    # each batch drawn from the below-mean ones and up-weighted, 1.5x)
+    "infobatch0.3-x1.5 (lossless)": variant(0.3, 1.5, policy="infobatch"),
+    "infobatch0.3-x1.375": variant(0.3, 1.375, policy="infobatch"),
+    "infobatch0.25-x1.5": variant(0.25, 1.5, policy="infobatch"),
+    "infobatch0.4-x1.5": variant(0.4, 1.5, policy="infobatch"),
+    "infobatch0.5-x1.25": variant(0.5, 1.25, policy="infobatch"),
+    "infobatch0.3-int8-x1.5": variant(0.3, 1.5, 8, policy="infobatch"),
     # rank selection for the same target
     "keep0.3-int8-x1.5": variant(0.3, 1.5, 8),
     "keep0.3-int8-x1.375": variant(0.3, 1.375, 8),

@@ -170,20 +170,21 @@ def train(
     sb = None
     if method is not None:
         sb = SelectiveBatchLoader(loader, model, **{**method, "epochs": epochs, "seed": seed})
+        if sb.policy.reweights and not record:
+            raise ValueError(f"{sb.policy!r} reweights examples, which only sb.record() applies: pass record=True")
         loader = sb
     curve, clock, cpu_clock = Curve(), 0.0, 0.0
     for epoch in range(epochs):
         began, cpu_began = time.perf_counter(), time.process_time()
         model.train()
-        steps = max(len(loader), 1)  # an upper bound for probabilistic policies: fine for the LR
+        steps = max(len(loader), 1)  # exact: the epoch's own length
         for i, (x, y) in enumerate(loader):
             for group in opt.param_groups:
                 group["lr"] = hyp["lr"] * lr_factor((epoch + min(i / steps, 1.0)) / epochs)
             losses = F.cross_entropy(model(x), y, reduction="none")
             if sb is not None and record:
-                sb.record(losses.detach())
-            weights = sb.batch_weights if sb is not None else None
-            loss = (losses * weights).mean() if weights is not None else losses.mean()
+                losses = sb.record(losses)  # weighted by the batch's weights for reweighting policies
+            loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -97,9 +97,11 @@ class SelectiveBackprop(Callback):
       (``trainer.num_training_batches``, the fetcher's limit and, for a fractional
       ``val_check_interval``, ``trainer.val_check_batch``) is re-read from ``len(loader)``, with
       ``limit_train_batches`` applied.
-    * The loader's epoch follows ``trainer.current_epoch``: the epochs claimed by the ``iter()`` calls
-      Lightning makes before training starts are given back, and an epoch Lightning cut short
-      (``limit_train_batches``, ``on_train_batch_start`` returning -1) does not shift the next.
+    * The loader's epoch follows ``trainer.current_epoch``: if the ``iter()`` calls Lightning makes
+      in ``setup_data`` moved it, ``on_train_start`` sets it back (``set_epoch``) and makes the first
+      epoch's iterator again. After an epoch Lightning cut short (``limit_train_batches``, -1 from
+      ``on_train_batch_start``) the unfinished iterator still sets ``len(loader)``, so the next
+      epoch is sized at its first batch instead.
     * ``loader.state_dict()`` is stored in every checkpoint, under ``checkpoint["callbacks"]
       ["SelectiveBackprop"]["loader"]``. On ``fit(ckpt_path=...)`` it is loaded at ``on_train_start``,
       after Lightning's own mid-epoch ``load_state_dict`` (the same state, so loading it again changes
@@ -163,22 +165,21 @@ class SelectiveBackprop(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Restore or realign the loader, then make the first epoch's iterator again."""
+        """Restore or realign the loader, make the first epoch's iterator again and size it."""
         loader = self._find(trainer)
         reset = False
         if self._pending is not None:
             loader.load_state_dict(self._pending)
             self._pending, reset = None, True
-        if loader.epoch != trainer.current_epoch:
+        if loader.epoch != trainer.current_epoch:  # setup_data's iter() calls claimed an epoch
             loader.set_epoch(trainer.current_epoch)
             reset = True
-        self._resize(trainer)
         fetcher = trainer.fit_loop._data_fetcher
         assert fetcher is not None
         if reset:
             iter(fetcher)  # replaces the iterator setup_data made before the loader was restored
-        else:
-            fetcher.reset()  # same iterator, new length
+        self._resize(trainer)
+        fetcher.reset()  # re-reads its length, now from len(loader); nothing was fetched yet
         epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop.restarted_on_train_batch_end and epoch_loop.batch_progress.is_last_batch:
             # Saved at the last batch of an epoch: Lightning restarts its counters for the next
@@ -188,15 +189,24 @@ class SelectiveBackprop(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Size the coming epoch from ``len(loader)`` (Lightning calls ``iter()`` right after)."""
-        loader = self._find(trainer)
-        self._resize(trainer)
+        if self._find(trainer).epoch == trainer.current_epoch:
+            self._resize(trainer)
+        else:  # Lightning cut the last epoch short: its iterator sets len(loader) until the next
+            self._resize_at_first_batch = True  # iter() claims the next epoch
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._resize_at_first_batch:
-            self._resize_at_first_batch = False
-            self._resize(trainer)
+        """Size the epoch now running when its length was not known at ``on_train_epoch_start``."""
+        if not self._resize_at_first_batch:
+            return
+        self._resize_at_first_batch = False
+        self._resize(trainer)
+        fetcher = trainer.fit_loop._data_fetcher
+        assert fetcher is not None
+        fetcher.length = sized_len(fetcher.combined_loader)
+        fetcher.done = fetcher.length is not None and fetcher.fetched >= fetcher.length
+        trainer.fit_loop.epoch_loop.batch_progress.is_last_batch = fetcher.done
 
     # ------------------------------------------------------------------ helpers
 
