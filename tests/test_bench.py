@@ -160,8 +160,8 @@ def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
     fast = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("fast", 2).items() if k != "epochs"}}
     assert sweep["kwargs"]["keep0.12-x1.5 (fast)"] == fast  # the variant is the recipe itself
     lossless = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("lossless", 2).items() if k != "epochs"}}
-    assert sweep["kwargs"]["infobatch0.2-x1.5 (lossless)"] == lossless
-    assert sweep["epochs"]["infobatch0.2-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
+    assert sweep["kwargs"]["infobatch0.3-x1.5 (lossless)"] == lossless
+    assert sweep["epochs"]["infobatch0.3-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["summary"]["methods"]["plain"]["ratio"]["lossless"] == 1.0
     assert "| keep0.1-x3 | 6 |" in (out / "sweep.md").read_text()

@@ -42,7 +42,7 @@ def test_keep_inside_zero_one_is_accepted(keep):
 
 
 def test_a_keep_that_keeps_no_row_of_a_source_batch_is_refused_at_construction():
-    with pytest.raises(ValueError, match=r"keep=1e-06 keeps int\(1e-06 \* 2\) = 0 rows .*raise keep to at least 1/2"):
+    with pytest.raises(ValueError, match=r"keep=1e-06 keeps int\(1e-06 \* 4\) = 0 rows of each source batch of 4; raise keep to at least 1/4"):
         _make(keep=1e-6)
 
 

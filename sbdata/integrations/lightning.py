@@ -46,9 +46,12 @@ NOTE -- how Lightning 2.6.6 drives a train loader that is not a ``torch.utils.da
 6. Mid-epoch resume: Lightning does not skip batches; it makes one new iterator and only counts those
    already done (``data_fetcher.fetched += batch_progress.current.ready``, training_epoch_loop.py:249),
    so the loader must resume its own position (it warns when the loader is not ``_Stateful``,
-   :218-230). A checkpoint taken in ``on_train_batch_end`` at an epoch's last batch counts that epoch
-   as done (fit_loop.py:398-404) and restarts the batch counters only if
-   ``completed >= trainer.num_training_batches`` (training_epoch_loop.py:203-207).
+   :218-230). After an epoch's last batch: a checkpoint taken in ``on_train_batch_end`` counts that
+   epoch as done (fit_loop.py:398-404), restarts the batch counters only if
+   ``completed >= trainer.num_training_batches`` (training_epoch_loop.py:203-207) and runs the next
+   epoch on the iterator ``setup_data`` made; one taken later in the epoch (``on_validation_end``:
+   "restarted on last") resumes the finished epoch, which fetches nothing since ``is_last_batch`` is
+   restored (progress.py:231-233, training_epoch_loop.py:286-289), and the next epoch calls ``iter()``.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ class SelectiveBackprop(Callback):
         if the checkpoint has this callback's state) overrides it."""
         loops = checkpoint.get("loops") or {}
         states = loops.get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
-        self._pending = copy.deepcopy(states[0]) if len(states) == 1 else None
+        self._pending = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -165,22 +168,24 @@ class SelectiveBackprop(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Restore or realign the loader, make the first epoch's iterator again and size it."""
+        """Restore the loader (or realign a fresh run's), then remake and size the first epoch's iterator."""
         loader = self._find(trainer)
         reset = False
         if self._pending is not None:
             loader.load_state_dict(self._pending)
             self._pending, reset = None, True
-        if loader.epoch != trainer.current_epoch:  # setup_data's iter() calls claimed an epoch
+        elif loader.epoch != trainer.current_epoch:  # setup_data's iter() calls claimed an epoch
             loader.set_epoch(trainer.current_epoch)
             reset = True
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop.restarted_on_last and epoch_loop.batch_progress.is_last_batch:
+            return  # saved after the epoch's last batch, before its end: nothing more is fetched (NOTE 6)
         fetcher = trainer.fit_loop._data_fetcher
         assert fetcher is not None
         if reset:
             iter(fetcher)  # replaces the iterator setup_data made before the loader was restored
         self._resize(trainer)
         fetcher.reset()  # re-reads its length, now from len(loader); nothing was fetched yet
-        epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop.restarted_on_train_batch_end and epoch_loop.batch_progress.is_last_batch:
             # Saved at the last batch of an epoch: Lightning restarts its counters for the next
             # epoch only if they reached num_training_batches (NOTE 6), which may have grown.
