@@ -38,6 +38,7 @@ from .batches import batch_length, get_field, to_device
 from .planning import EpochPlan, candidate_plan, cut_plan, fill_unseen, select_from_cache, share_selection
 from .policies import Selection
 from .repack import Repacker
+from .schedule import is_interrupt_batch
 from .scoring import check_losses, score_batch
 from .stats import EpochStats
 
@@ -286,7 +287,7 @@ class EpochRun:
                 n = self._loaded(batch)
                 sizes.append(n)
                 ids = self._ids_of(batch, source_ids, n)
-                if self.mode == PLAIN or sb._interrupts(i):
+                if self.mode == PLAIN or is_interrupt_batch(i, sb.config.interrupt):
                     yield from self._pass_through(batch, ids, n, i)
                 else:
                     yield from self._select(batch, n, ids, i)

@@ -19,7 +19,17 @@ from torch import Tensor, nn
 from .batches import Key
 from .scoring import NONFINITE_MODES, LossFn
 
-__all__ = ["LAST_BATCH_MODES", "LoaderConfig", "ScoreFn", "Stale", "check_fraction"]
+__all__ = [
+    "LAST_BATCH_MODES",
+    "STATE_VERSION",
+    "LoaderConfig",
+    "ScoreFn",
+    "Stale",
+    "check_fraction",
+    "check_keeps_rows",
+    "check_state",
+    "resolve",
+]
 
 ScoreFn = Callable[[nn.Module, Any], Tensor]
 #: ``None``: score every selective epoch; ``n``: rescore every n-th; ``"once"``: score once,
@@ -142,9 +152,72 @@ class LoaderConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got seed={self.seed!r}")
 
-    def resolved(self, **values: Any) -> LoaderConfig:
-        """A copy with ``values`` filled in (validated again)."""
-        return dataclasses.replace(self, **values)
+    def fingerprint(self, num_examples: int | None, policy: Any) -> dict[str, Any]:
+        """What a checkpoint must agree on to resume this configuration."""
+        return {
+            "keep": self.keep,
+            "batch_size": self.batch_size,
+            "num_examples": num_examples,
+            "policy": type(policy).__name__,
+            "stale": self.stale,
+            "last_batch": self.last_batch,
+            "interrupt": self.interrupt,
+            "schedule": (self.epochs, self.start, self.end),
+            "seed": self.seed,
+        }
+
+
+def resolve(config: LoaderConfig, source: Any, model_device: torch.device, loader_name: str) -> LoaderConfig:
+    """``config`` with ``batch_size``, ``last_batch`` and ``device`` taken from the wrapped
+    loader and the model where they were left ``None``; refuses what the source cannot do."""
+    batch_size = config.batch_size or source.batch_size()
+    if batch_size is None:
+        raise ValueError(
+            f"batch_size is needed: {loader_name} has no batch_size attribute to copy; "
+            "pass batch_size=<size of the batches to yield>"
+        )
+    if config.stale is not None and config.index_key is None and not source.loads_ids:
+        raise ValueError(
+            f"stale={config.stale!r} needs example ids, and {loader_name} does not provide them; return "
+            "each example's index from the dataset and pass index_key= (e.g. index_key=2 for "
+            "(x, y, idx) batches), or wrap a plain map-style torch.utils.data.DataLoader"
+        )
+    last_batch = config.last_batch or ("drop" if source.drop_last() else "yield")
+    return dataclasses.replace(config, batch_size=batch_size, last_batch=last_batch, device=config.device or model_device)
+
+
+def check_keeps_rows(policy: Any, source_batch_size: int, keep: float) -> None:
+    """Refuse a ``keep`` that keeps no row of a full source batch."""
+    size = source_batch_size
+    if size and policy.exact and policy.count(size) == 0:
+        raise ValueError(
+            f"keep={keep} keeps int({keep} * {size}) = 0 rows of each source batch of {size}; "
+            f"raise keep to at least 1/{size} = {1 / size:.4f}, or use larger source batches"
+        )
+
+
+STATE_VERSION = 2
+
+
+def check_state(state: Any, fingerprint: dict[str, Any], world_size: int) -> None:
+    """Refuse a ``state_dict`` of another format version or configuration, naming the difference."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        found = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"state_dict has format version {found!r}, this sbdata reads version {STATE_VERSION}; "
+            "pass a dict from SelectiveBatchLoader.state_dict() of this sbdata version"
+        )
+    for key, saved in state["fingerprint"].items():
+        if fingerprint.get(key) != saved:
+            raise ValueError(
+                f"state_dict was saved with {key}={saved!r} but this loader has {key}={fingerprint.get(key)!r}; "
+                "resume with the same configuration (or start fresh without load_state_dict)"
+            )
+    if state["position"] is not None and state["world_size"] != world_size:
+        raise ValueError(
+            f"a mid-epoch state_dict saved on {state['world_size']} ranks cannot resume on {world_size}; "
+            "resume from an epoch-boundary checkpoint instead"
+        )
 
 
 #: names of the options, for the loader's read-only attributes

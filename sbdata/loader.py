@@ -20,18 +20,23 @@ from . import distributed as dist_utils
 from ._epoch import FRESH, PLAIN, STALE, EpochIterator, EpochRun
 from .batches import Key
 from .cache import LossCache
-from .config import OPTION_NAMES, LoaderConfig, ScoreFn, Stale
+from .config import OPTION_NAMES, STATE_VERSION, LoaderConfig, ScoreFn, Stale, check_keeps_rows, check_state, resolve
 from .handouts import Handout, HandoutQueue
 from .policies import SelectionPolicy, make_policy
-from .repack import Repacker, count_output_batches
-from .schedule import is_interrupt_batch, selection_active, training_progress
+from .repack import Repacker
+from .schedule import (
+    carried_after,
+    epoch_length,
+    first_active_epoch,
+    selection_active,
+    training_progress,
+)
 from .scoring import LossFn, check_losses, per_example_loss
-from .sources import Source, make_source
+from .sources import make_source
 from .stats import LoaderStats, SelectionLog
 
 __all__ = ["SelectiveBatchLoader"]
 
-STATE_VERSION = 2
 _FIXED = frozenset(OPTION_NAMES) | {"model", "loader", "config"}
 
 
@@ -127,7 +132,7 @@ class SelectiveBatchLoader:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (the scorer), got {type(model).__name__}")
         source = make_source(loader)
-        config = self._resolve(config, source, model, loader)
+        config = resolve(config, source, _model_device(model), type(loader).__name__)
         self.__dict__.update(
             config=config,
             model=model,
@@ -135,7 +140,7 @@ class SelectiveBatchLoader:
             _policy=make_policy(config.policy, config.keep),
             _loss_fn=per_example_loss(loss_fn) if score_fn is None else None,
         )
-        self._check_keeps_rows()
+        check_keeps_rows(self._policy, source.batch_size() or max(source.batch_sizes() or [0]), config.keep)
         #: per-example losses and the epoch each was measured in (stale mode)
         self.cache = LossCache(source.num_examples() or 0)
         #: counters per epoch: loaded, scored, selected, yielded, ... (``sb.stats.current``)
@@ -149,32 +154,6 @@ class SelectiveBatchLoader:
         self._carried: Repacker | dict[str, Any] | None = None  # rows carried into the next epoch
         self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
         self._last_finished = -1  # the last epoch that ended on every rank (distributed only)
-
-    @staticmethod
-    def _resolve(config: LoaderConfig, source: Source, model: nn.Module, loader: Any) -> LoaderConfig:
-        batch_size = config.batch_size or source.batch_size()
-        if batch_size is None:
-            raise ValueError(
-                f"batch_size is needed: {type(loader).__name__} has no batch_size attribute to copy; "
-                "pass batch_size=<size of the batches to yield>"
-            )
-        if config.stale is not None and config.index_key is None and not source.loads_ids:
-            raise ValueError(
-                f"stale={config.stale!r} needs example ids, and {type(loader).__name__} does not provide "
-                "them; return each example's index from the dataset and pass index_key= (e.g. "
-                "index_key=2 for (x, y, idx) batches), or wrap a plain map-style torch.utils.data.DataLoader"
-            )
-        last_batch = config.last_batch or ("drop" if source.drop_last() else "yield")
-        device = config.device or _model_device(model)
-        return config.resolved(batch_size=batch_size, last_batch=last_batch, device=device)
-
-    def _check_keeps_rows(self) -> None:
-        size = self._source.batch_size() or max(self._source.batch_sizes() or [0])
-        if size and self._policy.exact and self._policy.count(size) == 0:
-            raise ValueError(
-                f"keep={self.keep} keeps int({self.keep} * {size}) = 0 rows of each source batch of "
-                f"{size}; raise keep to at least 1/{size} = {1 / size:.4f}, or use larger source batches"
-            )
 
     # ------------------------------------------------------------------ configuration
 
@@ -250,7 +229,7 @@ class SelectiveBatchLoader:
             return FRESH
         if cfg.stale == "once":
             return STALE if self._cache_is_recent(epoch, max_age=None) else FRESH
-        due = (epoch - self._first_active_epoch()) % cfg.stale == 0
+        due = (epoch - first_active_epoch(cfg.epochs, cfg.start, cfg.end)) % cfg.stale == 0
         return FRESH if due and not self._cache_is_recent(epoch, max_age=cfg.stale) else STALE
 
     def _cache_is_recent(self, epoch: int, max_age: int | None) -> bool:
@@ -262,33 +241,24 @@ class SelectiveBatchLoader:
         oldest = int(measured.min())
         return oldest >= 0 and (max_age is None or oldest > epoch - max_age)
 
-    def _first_active_epoch(self) -> int:
-        cfg = self.config
-        for epoch in range(cfg.epochs or 0):
-            if selection_active(training_progress(epoch, cfg.epochs), cfg.start, cfg.end):
-                return epoch
-        return 0
-
-    def _interrupts(self, index: int) -> bool:
-        return is_interrupt_batch(index, self.config.interrupt)
-
-    def epoch_length(self, epoch: int, carried: int = 0) -> int:
-        """Batches ``epoch`` yields when it starts with ``carried`` rows in the re-pack buffer.
-
-        Exact for every policy whose ``exact`` is true (all built-ins by default); an upper
-        bound otherwise.
-        """
+    def _epoch_shape(self, epoch: int, carried: int) -> dict[str, Any]:
         sizes = self._source.batch_sizes()
         if sizes is None:
             raise TypeError(
                 f"len() is unknown for a {type(self.loader).__name__} source until one epoch has "
                 "been iterated (its batch sizes are not known); wrap a torch DataLoader to get it upfront"
             )
-        if self.mode(epoch) == PLAIN:
-            return len(sizes)
-        selective = [n for i, n in enumerate(sizes) if not self._interrupts(i)]
-        kept = [self._policy.count(n) for n in selective]
-        return len(sizes) - len(selective) + count_output_batches(kept, self.batch_size, self.last_batch, carried)
+        cfg = self.config
+        return dict(
+            sizes=sizes, plain=self.mode(epoch) == PLAIN, interrupt=cfg.interrupt, count=self._policy.count,
+            batch_size=cfg.batch_size, last_batch=cfg.last_batch, carried=carried,
+        )  # fmt: skip
+
+    def epoch_length(self, epoch: int, carried: int = 0) -> int:
+        """Batches ``epoch`` yields when it starts with ``carried`` rows in the re-pack buffer:
+        exact for every policy whose ``exact`` is true (all built-ins by default), an upper
+        bound otherwise (:func:`sbdata.schedule.epoch_length`)."""
+        return epoch_length(**self._epoch_shape(epoch, carried))
 
     def __len__(self) -> int:
         """Batches the current epoch yields (or the next, between epochs): what a scheduler or
@@ -307,14 +277,9 @@ class SelectiveBatchLoader:
             raise ValueError("total_steps() needs the number of training epochs; pass epochs= to SelectiveBatchLoader")
         total = carried = 0
         for epoch in range(self.epochs):
-            length = self.epoch_length(epoch, carried)
-            total += length
-            if self.last_batch != "carry":
-                carried = 0
-            elif self.mode(epoch) != PLAIN:
-                sizes = self._source.batch_sizes() or []
-                kept = sum(self._policy.count(n) for i, n in enumerate(sizes) if not self._interrupts(i))
-                carried = (carried + kept) % self.batch_size
+            shape = self._epoch_shape(epoch, carried)
+            total += epoch_length(**shape)
+            carried = carried_after(**shape)
         return total
 
     def __iter__(self) -> EpochIterator:
@@ -459,7 +424,7 @@ class SelectiveBatchLoader:
             carried = {k: pending[k].cpu() for k in ("origin", "ids", "weights") if k in pending}
         return {
             "version": STATE_VERSION,
-            "fingerprint": self._fingerprint(),
+            "fingerprint": self.config.fingerprint(self._source.num_examples(), self._policy),
             "world_size": dist_utils.world_size(),
             "epoch": position["epoch"] if position else self._epoch,
             "position": position,
@@ -476,24 +441,7 @@ class SelectiveBatchLoader:
         Raises:
             ValueError: the state came from another format version or configuration.
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            found = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"state_dict has format version {found!r}, this sbdata reads version {STATE_VERSION}; "
-                "pass a dict from SelectiveBatchLoader.state_dict() of this sbdata version"
-            )
-        mine = self._fingerprint()
-        for key, saved in state["fingerprint"].items():
-            if mine.get(key) != saved:
-                raise ValueError(
-                    f"state_dict was saved with {key}={saved!r} but this loader has {key}={mine.get(key)!r}; "
-                    "resume with the same configuration (or start fresh without load_state_dict)"
-                )
-        if state["position"] is not None and state["world_size"] != dist_utils.world_size():
-            raise ValueError(
-                f"a mid-epoch state_dict saved on {state['world_size']} ranks cannot resume on "
-                f"{dist_utils.world_size()}; resume from an epoch-boundary checkpoint instead"
-            )
+        check_state(state, self.config.fingerprint(self._source.num_examples(), self._policy), dist_utils.world_size())
         live = self._live()
         if live is not None:
             live.close("closed by load_state_dict()")
@@ -506,20 +454,6 @@ class SelectiveBatchLoader:
         self.stats.load_state_dict(state["stats"])
         self.selection_log.load_state_dict(state["selection_log"])
         self._handouts = HandoutQueue()
-
-    def _fingerprint(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "keep": cfg.keep,
-            "batch_size": cfg.batch_size,
-            "num_examples": self._source.num_examples(),
-            "policy": type(self._policy).__name__,
-            "stale": cfg.stale,
-            "last_batch": cfg.last_batch,
-            "interrupt": cfg.interrupt,
-            "schedule": (cfg.epochs, cfg.start, cfg.end),
-            "seed": cfg.seed,
-        }
 
     def __repr__(self) -> str:
         return (

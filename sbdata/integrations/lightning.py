@@ -154,7 +154,7 @@ class SelectiveBackprop(Callback):
         if the checkpoint has this callback's state) overrides it."""
         loops = checkpoint.get("loops") or {}
         states = loops.get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
-        self._pending = None
+        self._pending = copy.deepcopy(states[0]) if len(states) == 1 else None
 
     # ------------------------------------------------------------------ hooks
 
