@@ -227,7 +227,7 @@ class EpochRun:
             "consumed": self.consumed,
             "plan": self.plan.state_dict() if self.plan is not None else None,
             "generator": self.generator.get_state(),
-            "source_state": self._sb._source.state_dict() if self._sb._source.stateful and self._started else self._source_state,
+            "source_state": self._sb._source.position() if self._sb._source.stateful and self._started else self._source_state,
             "queued": self._queued if not self._started and self._queued is not None else self.queued(),
         }
 
@@ -276,7 +276,7 @@ class EpochRun:
         sb = self._sb
         skip = self.consumed
         if self._source_state is not None:  # the source restores its own position
-            sb._source.load_state_dict(self._source_state)
+            sb._source.load_position(self._source_state)
             skip = 0
         sizes: list[int] = []
         with sb._source.epoch() as pairs:

@@ -429,6 +429,7 @@ class SelectiveBatchLoader:
             "epoch": position["epoch"] if position else self._epoch,
             "position": position,
             "carried": None if position else carried,
+            "source": self._source.state_dict(),
             "cache": self.cache.state_dict() if self.stale is not None else None,
             "policy": self._policy.state_dict(),
             "stats": self.stats.state_dict(),
@@ -448,6 +449,7 @@ class SelectiveBatchLoader:
         self._epoch = int(state["epoch"])
         self._resume = state["position"]
         self._carried = state["carried"]
+        self._source.load_state_dict(state["source"])
         if state["cache"] is not None:
             self.cache.load_state_dict(state["cache"])
         self._policy.load_state_dict(state["policy"])

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sbdata import InfoBatchPolicy, LossCache, SelectiveBatchLoader
+from sbdata.sources.dataloader import epoch_order_generator
 
 from .conftest import Echo, IndexedPairs, id_loss, loss_from_x
 
@@ -74,16 +75,34 @@ def test_stale_epochs_follow_the_users_sampler_order_and_batches():
     loader = DataLoader(ds, batch_size=8, shuffle=True, generator=sampler_gen)
     sb, _ = make(loader)
     run_epoch(sb)
-    # Predict the stale epoch: the same sampler state draws the same order.
+    # Predict the stale epoch: the user's sampler, drawing epoch 1 from a generator seeded by
+    # its own seed and the epoch (NOTE [ Orders that resume ] in sbdata/sources/dataloader.py).
     state = sampler_gen.get_state()
+    loader.sampler.generator = epoch_order_generator(5, 1)
     order = [torch.tensor(b) for b in loader.batch_sampler]
-    sampler_gen.set_state(state)
+    loader.sampler.generator = sampler_gen
     expected = []
     for b in order:
         top = torch.sort(torch.argsort(id_loss(b), descending=True, stable=True)[:4]).values
         expected += b[top].tolist()
     ids, _ = run_epoch(sb)
     assert ids == expected
+    assert torch.equal(sampler_gen.get_state(), state), "the user's generator is never drawn from"
+
+
+def _orders(seed_global: int, generator_seed: int | None) -> list[list[int]]:
+    torch.manual_seed(seed_global)
+    generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
+    sb, _ = make(DataLoader(IndexedPairs(N), batch_size=8, shuffle=True, generator=generator))
+    return [run_epoch(sb)[0] for _ in range(2)]
+
+
+def test_shuffled_orders_follow_the_users_seed_and_differ_between_epochs():
+    first, second = _orders(0, None)
+    assert first != second, "every epoch draws a new order"
+    assert _orders(0, None) == [first, second], "the same torch.manual_seed gives the same orders"
+    assert _orders(1, None) != [first, second], "another torch.manual_seed gives other orders"
+    assert _orders(0, 7) == _orders(1, 7) != _orders(0, 8), "a loader generator's seed decides alone"
 
 
 @pytest.mark.parametrize("persistent", [False, True])

@@ -160,8 +160,15 @@ class Source:
         yield iter(())  # unreachable: makes this a generator for contextmanager
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped loader's own position (``stateful`` sources only)."""
+        """What the source keeps across epochs (a seed), for checkpoints."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` before the next :meth:`epoch` (``stateful`` sources only)."""
+        """Restore :meth:`state_dict`."""
+
+    def position(self) -> dict[str, Any]:
+        """The wrapped loader's own position in the epoch (``stateful`` sources only)."""
+        return {}
+
+    def load_position(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`position` before the next :meth:`epoch` (``stateful`` sources only)."""

@@ -6,6 +6,17 @@ user's own batch sampler (:meth:`DataLoaderSource.candidates`), then has the reb
 load exactly the id batches it chose: all of them in plain and fresh epochs, only the selected
 ids in stale epochs. Batch ``k`` of a pass holds plan ``k``'s ids, so ids never need probing.
 
+NOTE [ Orders that resume ]
+A mid-epoch resume must not shift the random state that later epochs draw their order from,
+and a resumed process starts with other random state than the run it continues. So sbdata
+makes every epoch's order a pure function of one seed and the epoch, as ``DistributedSampler``
+does: where the user's sampler draws from a ``generator`` (``RandomSampler``,
+``SubsetRandomSampler``, ``WeightedRandomSampler``), each epoch's draw uses a generator seeded
+from the sampler's own seed (its generator's ``initial_seed()``, or, with no generator, one
+number drawn from the global RNG when the loader is wrapped) and the epoch; that seed is saved
+in checkpoints. The rebuilt loader gets a private generator for its workers' base seed, seeded
+the same way, so sbdata never draws from the global RNG or the user's generator after wrapping.
+
 NOTE [ One worker pool ]
 Only the rebuilt loader is ever iterated. If the user's loader already has a persistent worker
 pool (it was iterated before being wrapped), that pool is shut down at wrapping time, so a job
@@ -26,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .base import Source, close_iterator, dataloader_batch_sizes, forward_set_epoch
 
-__all__ = ["DataLoaderSource", "PlannedBatchSampler", "rebuildable"]
+__all__ = ["DataLoaderSource", "PlannedBatchSampler", "epoch_order_generator", "rebuildable"]
 
 
 class PlannedBatchSampler:
@@ -93,7 +104,18 @@ def _rebuild(loader: DataLoader, batch_sampler: PlannedBatchSampler) -> DataLoad
 
 
 def release_workers(loader: DataLoader) -> None:
-    """Shut down a DataLoader's persistent worker pool, if it has one (NOTE [ One worker pool ])."""
+    """Shut down a DataLoader's persistent worker pool, if it has one (NOTE [ Orders that resume ]
+A mid-epoch resume must not shift the random state that later epochs draw their order from,
+and a resumed process starts with other random state than the run it continues. So sbdata
+makes every epoch's order a pure function of one seed and the epoch, as ``DistributedSampler``
+does: where the user's sampler draws from a ``generator`` (``RandomSampler``,
+``SubsetRandomSampler``, ``WeightedRandomSampler``), each epoch's draw uses a generator seeded
+from the sampler's own seed (its generator's ``initial_seed()``, or, with no generator, one
+number drawn from the global RNG when the loader is wrapped) and the epoch; that seed is saved
+in checkpoints. The rebuilt loader gets a private generator for its workers' base seed, seeded
+the same way, so sbdata never draws from the global RNG or the user's generator after wrapping.
+
+NOTE [ One worker pool ])."""
     it = getattr(loader, "_iterator", None)  # torch keeps the persistent iterator here
     shutdown = getattr(it, "_shutdown_workers", None)
     if callable(shutdown):
@@ -112,7 +134,21 @@ class DataLoaderSource(Source):
         self._original = loader
         self.sampler = PlannedBatchSampler(loader.batch_sampler)
         self.loader = _rebuild(loader, self.sampler)
+        self.loader.generator = torch.Generator()  # NOTE [ Orders that resume ]: worker base seeds
         release_workers(loader)
+        self._random = _random_sampler(loader.batch_sampler)
+        self.order_seed = _order_seed(self._random)
+        self._epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order_seed": self.order_seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order_seed = int(state["order_seed"])
 
     @property
     def original(self) -> Any:
@@ -123,8 +159,17 @@ class DataLoaderSource(Source):
         return computed if computed is not None else self._observed_sizes
 
     def candidates(self) -> list[Tensor]:
-        """This epoch's id batches, as the user's own batch sampler draws them."""
-        return [torch.as_tensor(b, dtype=torch.long) for b in self.sampler.inner]
+        """This epoch's id batches, as the user's own batch sampler draws them (from a
+        generator seeded by the epoch where it draws at random: NOTE [ Orders that resume ])."""
+        random = self._random
+        if random is None:
+            return [torch.as_tensor(b, dtype=torch.long) for b in self.sampler.inner]
+        saved = random.generator
+        random.generator = epoch_order_generator(self.order_seed, self._epoch)
+        try:
+            return [torch.as_tensor(b, dtype=torch.long) for b in self.sampler.inner]
+        finally:
+            random.generator = saved
 
     @contextlib.contextmanager
     def epoch(self) -> Iterator[Iterator[tuple[Any, Tensor | None]]]:
@@ -138,8 +183,35 @@ class DataLoaderSource(Source):
             yield iter(())
             return
         self.sampler.set_plan(plan)
+        self.loader.generator.manual_seed(_mix(self.order_seed, self._epoch, 1))
         it = iter(self.loader)
         try:
             yield zip(it, plan)
         finally:
             close_iterator(it)
+
+
+def _random_sampler(batch_sampler: Any) -> Any:
+    """The sampler inside ``batch_sampler`` that draws from a ``generator``, if any."""
+    sampler = getattr(batch_sampler, "sampler", None)
+    return sampler if sampler is not None and hasattr(sampler, "generator") else None
+
+
+def _order_seed(sampler: Any) -> int:
+    if sampler is None:
+        return 0
+    if isinstance(sampler.generator, torch.Generator):
+        return int(sampler.generator.initial_seed())
+    return int(torch.empty((), dtype=torch.int64).random_().item())  # one draw, at wrapping time
+
+
+def epoch_order_generator(order_seed: int, epoch: int) -> torch.Generator:
+    """The generator the user's random sampler draws epoch ``epoch``'s order from."""
+    return torch.Generator().manual_seed(_mix(order_seed, epoch))
+
+
+def _mix(*values: int) -> int:
+    out = 0
+    for v in values:
+        out = (out * 1_000_003 + v + 0x9E3779B9) % (2**63)
+    return out

@@ -27,10 +27,10 @@ class StatefulSource(IterableSource):
 
     stateful = True
 
-    def state_dict(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_position(self, state: dict[str, Any]) -> None:
         if state:
             self.loader.load_state_dict(state)
 
