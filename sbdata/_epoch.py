@@ -433,8 +433,9 @@ class EpochRun:
             with source.epoch() as pairs:
                 for i, (batch, _) in enumerate(pairs):
                     mine = in_epoch[indices == i]
-                    if mine.numel():
-                        yield batch, origin[mine, 2], {k: v[mine] for k, v in queued.items()}
+                    if mine.numel():  # just those rows, copied: the meta fields are theirs alone
+                        rows = Repacker(mine.numel()).add(batch, origin[mine, 2])[0]
+                        yield rows, torch.arange(mine.numel()), {k: v[mine] for k, v in queued.items()}
                     if i >= last:
                         break
         source.set_epoch(self.epoch)

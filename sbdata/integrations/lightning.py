@@ -27,7 +27,8 @@ NOTE -- how Lightning 2.6.6 drives a train loader that is not a ``torch.utils.da
    ``DataLoader``\ s) and the first epoch's iterator (fit_loop.py:276). Later epochs call it in
    ``_TrainingEpochLoop.on_run_start`` (loops/training_epoch_loop.py:245-246), *after*
    ``on_train_epoch_start`` (fit_loop.py:451); never again for the first epoch of a run, resumed or
-   not. So a loader whose ``iter()`` claims an epoch at once starts ``fit`` one epoch late.
+   not. So a loader whose ``iter()`` claims an epoch at once starts ``fit`` one epoch late, unless
+   an iterator dropped before its first ``next()`` gives its epoch back.
 3. ``done``: an epoch ends by count, when ``batch_progress.current.ready == trainer.num_training_batches``
    or the fetcher has fetched its length (``is_last_batch``; training_epoch_loop.py:316, 442-445,
    fetchers.py:68-69); no ``next()`` follows the last batch. ``StopIteration`` also ends it (:155-156).
@@ -52,6 +53,11 @@ NOTE -- how Lightning 2.6.6 drives a train loader that is not a ``torch.utils.da
    epoch on the iterator ``setup_data`` made; one taken later in the epoch (``on_validation_end``:
    "restarted on last") resumes the finished epoch, which fetches nothing since ``is_last_batch`` is
    restored (progress.py:231-233, training_epoch_loop.py:286-289), and the next epoch calls ``iter()``.
+7. ``reload_dataloaders_every_n_epochs=n`` re-runs all of ``setup_data`` every n epochs in
+   ``on_advance_start``, before ``on_train_epoch_start`` (fit_loop.py:166-170, 440): it re-reads
+   ``len()``, but calls ``train_dataloader()`` again (a new loader starts from scratch) and ``iter()``
+   twice more, and the epoch loop then calls ``iter()`` a third time. Not a way to follow a changing
+   length; :class:`SelectiveBackprop` resizes the epoch itself and refuses it.
 """
 
 from __future__ import annotations
@@ -159,7 +165,7 @@ class SelectiveBackprop(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.reload_dataloaders_every_n_epochs:
+        if stage == "fit" and getattr(trainer, "reload_dataloaders_every_n_epochs", None):
             raise ValueError(
                 "SelectiveBackprop needs Trainer(reload_dataloaders_every_n_epochs=0): each reload calls "
                 "train_dataloader() and iter() twice more, and every iter() of a SelectiveBatchLoader "
