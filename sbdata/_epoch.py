@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import distributed as dist_utils
 from .batches import batch_length, get_field, to_device
-from .planning import EpochPlan, candidate_plan, cut_plan, fill_unseen, select_from_cache, share_selection
+from .planning import EpochPlan, candidate_plan, check_global_ids, cut_plan, select_from_cache, share_selection
 from .policies import Selection
 from .repack import Repacker
 from .schedule import is_interrupt_batch
@@ -187,7 +187,7 @@ class EpochRun:
         self._queued = resume["queued"] if resume else (carried if isinstance(carried, dict) else None)
         self.ready: collections.deque[dict[str, Any]] = collections.deque()
         self.stats = EpochStats(epoch=epoch, mode=self.mode)  # the loader's, from the first next()
-        self._resumed = resume is not None
+        self._resumed = resume is not None and resume["started"]
         self._started = False
         self.finished = False
         self._scorer_modules = list(sb.model.modules())  # walked once per epoch, not per batch
@@ -220,6 +220,7 @@ class EpochRun:
     def state_dict(self) -> dict[str, Any]:
         """The position "as yielded": what the next ``next()`` would continue from."""
         return {
+            "started": self._started,
             "epoch": self.epoch,
             "mode": self.mode,
             "length": self.length,
@@ -241,23 +242,30 @@ class EpochRun:
     def batches(self) -> Iterator[Any]:
         sb = self._sb
         self._started = True
-        if not self._resumed and self.mode != PLAIN:
-            self.mode = sb.mode(self.epoch)  # fresh or stale: decided from the cache as it is now
+        sb._source.set_epoch(self.epoch)  # before anything draws this epoch's order
+        candidates = None
+        if not self._resumed and self.mode != PLAIN:  # fresh or stale: decided from the cache as it is now
+            if sb._source.loads_ids:
+                candidates = sb._source.candidates()
+                flat = torch.cat(candidates) if candidates else torch.empty(0, dtype=torch.long)
+                self.mode = sb.mode(self.epoch, flat)
+            else:
+                self.mode = sb.mode(self.epoch)
         self.stats = sb.stats.current if self._resumed else sb.stats.begin(self.epoch, self.mode)
-        sb._source.set_epoch(self.epoch)
         yield from self._restore(self._queued)
         if sb._source.loads_ids:
-            yield from self._planned()
+            yield from self._planned(candidates)
         else:
             yield from self._streamed()
         yield from self._tail()
 
-    def _planned(self) -> Iterator[Any]:
+    def _planned(self, candidates: list[Tensor] | None) -> Iterator[Any]:
         """Load the epoch's plan of id batches (drawn now, or restored from a checkpoint)."""
         sb = self._sb
         if self.plan is None:
-            self.plan = self._stale_plan() if self.mode == STALE else candidate_plan(
-                sb._source.candidates(), plain=self.mode == PLAIN, interrupt=sb.config.interrupt
+            candidates = sb._source.candidates() if candidates is None else candidates
+            self.plan = self._stale_plan(candidates) if self.mode == STALE else candidate_plan(
+                candidates, plain=self.mode == PLAIN, interrupt=sb.config.interrupt
             )
         plan, first = self.plan, self.consumed
         with sb._source.load(plan.batches[first:]) as pairs:
@@ -303,16 +311,15 @@ class EpochRun:
     def _select(self, batch: Any, n: int, ids: Tensor | None, index: int) -> Iterator[Any]:
         sb = self._sb
         batch = to_device(batch, sb.device)
-        if self.mode == STALE:
-            losses = self._cached_losses(ids)  # type: ignore[arg-type]
-        else:
+        losses, known = sb.cache.lookup(ids) if self.mode == STALE else (None, None)
+        if losses is None or not bool(known.all()):  # a stale batch with a never-measured example is scored
             losses = self._score(batch, ids, n)
         selection = sb.policy.select(losses, self.generator)
         self.stats.selected += selection.rows.numel()
         sb.selection_log.observe(self.epoch, losses, selection.rows, ids)
         yield from self._emit(batch, n, ids, selection, index)
 
-    def _stale_plan(self) -> EpochPlan:
+    def _stale_plan(self, local: list[Tensor]) -> EpochPlan:
         """The id batches a stale epoch loads, selected from cached losses before loading.
 
         Under ``torch.distributed`` every rank gathers all ranks' candidate batches, makes the
@@ -320,15 +327,15 @@ class EpochRun:
         equal, disjoint share.
         """
         sb = self._sb
-        local = sb._source.candidates()
         per_rank = sb._gather_candidates(local)
+        check_global_ids(per_rank)
         generator = epoch_generator(sb.config.seed, self.epoch, -1) if dist_utils.is_distributed() else self.generator
 
         def pick(batches: list[Tensor]) -> list[Selection]:
             if not batches:
                 return []
             ids = torch.cat(batches)
-            losses = self._cached_losses(ids, [b.numel() for b in batches])
+            losses, _ = sb.cache.lookup(ids)  # every candidate was measured (see SelectiveBatchLoader.mode)
             selections = select_from_cache(sb.policy, batches, losses, generator)
             offsets = torch.tensor([0] + [b.numel() for b in batches[:-1]]).cumsum(0).tolist()
             flat = torch.cat([s.rows + offset for s, offset in zip(selections, offsets)])
@@ -391,6 +398,9 @@ class EpochRun:
 
     def _pass_through(self, batch: Any, ids: Tensor | None, n: int, index: int) -> Iterator[Any]:
         self.stats.passed_through += n
+        if self.mode == FRESH and self._sb.config.stale is not None and ids is not None:
+            batch = to_device(batch, self._sb.device)
+            self._score(batch, ids, n)  # a rescoring epoch measures every example it loads
         packed = self._packed(batch, n, ids, index, None)
         if self._sb._source.recycles_buffers:  # FFCV reuses its buffers: copy
             packed = Repacker(n).add(packed, torch.arange(n))[0]
@@ -464,11 +474,6 @@ class EpochRun:
         if sb.config.stale is not None and ids is not None:
             sb._cache_update(ids, losses, self.epoch)
         return losses
-
-    def _cached_losses(self, ids: Tensor, sizes: list[int] | None = None) -> Tensor:
-        """Cached losses of ``ids`` (source batches of ``sizes``, default one batch)."""
-        losses, known = self._sb.cache.lookup(ids)
-        return fill_unseen(losses, known, sizes or [ids.numel()])
 
     # ------------------------------------------------------------------ distributed
 

@@ -213,33 +213,43 @@ class SelectiveBatchLoader:
             )
         self._epoch = epoch
 
-    def mode(self, epoch: int | None = None) -> str:
+    def selective(self, epoch: int) -> bool:
+        """Whether selection is active in ``epoch`` (the ``start``/``end`` schedule and ``keep``)."""
+        cfg = self.config
+        return cfg.keep < 1.0 and selection_active(training_progress(epoch, cfg.epochs), cfg.start, cfg.end)
+
+    def mode(self, epoch: int | None = None, candidates: Tensor | None = None) -> str:
         """``"plain"``, ``"fresh"`` or ``"stale"``: what ``epoch`` (default: the current or next) does.
 
         With ``stale=n`` every n-th selective epoch (the first included) is due a rescoring, and
-        runs ``"fresh"`` unless every example's cached loss is younger than ``n`` epochs (kept
-        current by :meth:`record`). With ``stale="once"`` an epoch runs ``"fresh"`` only while
-        some example has no cached loss.
+        runs ``"fresh"`` unless every cached loss it needs is younger than ``n`` epochs (kept
+        current by :meth:`record`); with ``stale="once"`` only the first is. Without
+        ``candidates`` this is the schedule's prediction. When an epoch starts, the decision is
+        made again from its ``candidates`` (the ids it will load, where the source can list
+        them): an epoch with a never-measured candidate runs ``"fresh"``, so a stale epoch never
+        selects from made-up losses (a streamed stale epoch scores such batches instead).
         """
         epoch = self.epoch if epoch is None else epoch
         cfg = self.config
-        if cfg.keep >= 1.0 or not selection_active(training_progress(epoch, cfg.epochs), cfg.start, cfg.end):
+        if not self.selective(epoch):
             return PLAIN
         if cfg.stale is None:
             return FRESH
-        if cfg.stale == "once":
-            return STALE if self._cache_is_recent(epoch, max_age=None) else FRESH
-        due = (epoch - first_active_epoch(cfg.epochs, cfg.start, cfg.end)) % cfg.stale == 0
-        return FRESH if due and not self._cache_is_recent(epoch, max_age=cfg.stale) else STALE
+        ids = candidates if candidates is not None else self._all_ids()
+        measured = self.cache.measured_epoch(ids) if ids is not None and ids.numel() else None
+        oldest = int(measured.min()) if measured is not None else -1
+        first = first_active_epoch(cfg.epochs, cfg.start, cfg.end)
+        due = epoch <= first if cfg.stale == "once" else (epoch - first) % cfg.stale == 0
+        recent = oldest >= 0 and (cfg.stale == "once" or oldest > epoch - cfg.stale)
+        if candidates is None:  # a prediction from the schedule (earlier epochs fill the cache)
+            return FRESH if due and not recent else STALE
+        fresh = oldest < 0 or (due and not recent)
+        fresh = bool(dist_utils.all_reduce_int(int(fresh), "max"))  # every rank sees its own candidates
+        return FRESH if fresh else STALE
 
-    def _cache_is_recent(self, epoch: int, max_age: int | None) -> bool:
-        """Every example has a cached loss, measured less than ``max_age`` epochs before ``epoch``."""
+    def _all_ids(self) -> Tensor | None:
         n = self._source.num_examples()
-        if not n:
-            return False
-        measured = self.cache.measured_epoch(torch.arange(n))
-        oldest = int(measured.min())
-        return oldest >= 0 and (max_age is None or oldest > epoch - max_age)
+        return torch.arange(n) if n else None
 
     def _epoch_shape(self, epoch: int, carried: int) -> dict[str, Any]:
         sizes = self._source.batch_sizes()
@@ -250,7 +260,7 @@ class SelectiveBatchLoader:
             )
         cfg = self.config
         return dict(
-            sizes=sizes, plain=self.mode(epoch) == PLAIN, interrupt=cfg.interrupt, count=self._policy.count,
+            sizes=sizes, plain=not self.selective(epoch), interrupt=cfg.interrupt, count=self._policy.count,
             batch_size=cfg.batch_size, last_batch=cfg.last_batch, carried=carried,
         )  # fmt: skip
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from .policies import Selection, SelectionPolicy
 from .schedule import is_interrupt_batch
 
-__all__ = ["EpochPlan", "candidate_plan", "cut_plan", "fill_unseen", "select_from_cache", "share_selection"]
+__all__ = ["EpochPlan", "candidate_plan", "check_global_ids", "cut_plan", "select_from_cache", "share_selection"]
 
 #: one source batch's part of a rank's selection: (batch index, ids, weights or None)
 Share = list[tuple[int, Tensor, "Tensor | None"]]
@@ -74,17 +74,6 @@ def candidate_plan(candidates: list[Tensor], *, plain: bool, interrupt: int) -> 
     return plan
 
 
-def fill_unseen(losses: Tensor, known: Tensor, sizes: list[int]) -> Tensor:
-    """Give ids never measured a loss above every measured one of their source batch (so a
-    never-seen example is preferred over one known to be easy). Fills ``losses`` in place."""
-    if bool(known.all()):
-        return losses
-    for part, seen in zip(torch.split(losses, sizes), torch.split(known, sizes)):
-        top = float(part[seen].max()) if bool(seen.any()) else 0.0
-        part[~seen] = top + 1.0  # a view: fills ``losses``
-    return losses
-
-
 def select_from_cache(
     policy: SelectionPolicy, batches: list[Tensor], losses: Tensor, generator: torch.Generator
 ) -> list[Selection]:
@@ -94,6 +83,26 @@ def select_from_cache(
         return []
     parts = list(torch.split(losses, [b.numel() for b in batches]))
     return policy.select_many(parts, generator)
+
+
+def check_global_ids(per_rank: list[list[Tensor]]) -> None:
+    """Refuse candidates that overlap between ranks by more than ``DistributedSampler``'s
+    padding (at most ``world - 1`` repeated ids): then the ids are local to each rank's own
+    dataset, and one global selection would hand a rank ids of another rank's dataset."""
+    world = len(per_rank)
+    if world < 2:
+        return
+    per = [torch.unique(torch.cat(c)) if c else torch.empty(0, dtype=torch.long) for c in per_rank]
+    values, counts = torch.unique(torch.cat(per), return_counts=True)
+    shared = values[counts > 1]
+    if shared.numel() > world - 1:
+        raise ValueError(
+            f"stale mode under torch.distributed selects from one id space shared by every rank, but "
+            f"{shared.numel()} example ids (e.g. {shared[:5].tolist()}) are candidates on more than one rank: "
+            "each rank seems to wrap its own dataset with ids local to it. Shard one dataset with a "
+            "DistributedSampler, or give every example a global id (e.g. the rank's offset plus the local "
+            "index) and pass index_key= to locate it in the batch"
+        )
 
 
 def share_selection(per_rank: list[list[Tensor]], pick: Picker, interrupt: int) -> tuple[list[Share], int]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -138,11 +138,8 @@ def make_loader(kind: str, model: nn.Module) -> Any:
         return FakeSelectiveLoader()
     from sbdata import SelectiveBatchLoader
 
-    # Shuffled by (seed, epoch), which the loader forwards: the order needs no state of its own to
-    # resume. (shuffle=True draws from the global RNG, which no checkpoint restores.)
-    dataset = blobs()
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
-    source = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
+    # shuffle=True: the loader makes each epoch's order a function of a saved seed and the epoch
+    source = DataLoader(blobs(), batch_size=BATCH, shuffle=True)
     return SelectiveBatchLoader(source, model, keep=0.5, epochs=EPOCHS, end=0.5, index_key=2)
 
 

@@ -106,16 +106,18 @@ class SelectiveBackprop(Callback):
       (``trainer.num_training_batches``, the fetcher's limit and, for a fractional
       ``val_check_interval``, ``trainer.val_check_batch``) is re-read from ``len(loader)``, with
       ``limit_train_batches`` applied.
-    * The loader's epoch follows ``trainer.current_epoch``: if the ``iter()`` calls Lightning makes
-      in ``setup_data`` moved it, ``on_train_start`` sets it back (``set_epoch``) and makes the first
-      epoch's iterator again. After an epoch Lightning cut short (``limit_train_batches``, -1 from
-      ``on_train_batch_start``) the unfinished iterator still sets ``len(loader)``, so the next
-      epoch is sized at its first batch instead.
+    * The loader's epoch follows ``trainer.current_epoch``. In a fresh run, if the ``iter()`` calls
+      Lightning makes in ``setup_data`` moved it, ``on_train_start`` sets it back (``set_epoch``)
+      and makes the first epoch's iterator again. After an epoch Lightning cut short
+      (``limit_train_batches``, -1 from ``on_train_batch_start``) the unfinished iterator still sets
+      ``len(loader)``, so the next epoch is sized at its first batch instead.
     * ``loader.state_dict()`` is stored in every checkpoint, under ``checkpoint["callbacks"]
       ["SelectiveBackprop"]["loader"]``. On ``fit(ckpt_path=...)`` it is loaded at ``on_train_start``,
       after Lightning's own mid-epoch ``load_state_dict`` (the same state, so loading it again changes
       nothing) and before the resumed epoch's iterator is made, for end-of-epoch and mid-epoch
-      checkpoints alike. A checkpoint saved without this callback falls back to the copy Lightning
+      checkpoints alike (and for one saved after an epoch's last batch but before its end, e.g. by
+      ``ModelCheckpoint`` after validation, no iterator is made: Lightning fetches nothing more for
+      that epoch). A checkpoint without this callback's state falls back to the copy Lightning
       keeps of a single stateful train loader.
 
     Args:
@@ -130,8 +132,9 @@ class SelectiveBackprop(Callback):
             loader cannot be found.
 
     Needs ``len(loader)`` (without it Lightning prefetches a batch, so a mid-epoch state would be one
-    batch ahead). ``trainer.estimated_stepping_batches`` still uses the first epoch's length. Under DDP
-    the checkpoint file holds rank 0's state, as it does for Lightning's own copy.
+    batch ahead). ``trainer.estimated_stepping_batches`` still uses the first epoch's length (size LR
+    schedules from ``loader.total_steps()``). Under DDP the checkpoint file holds rank 0's state, as it
+    does for Lightning's own copy, which resumes every rank exactly only at epoch boundaries.
     """
 
     def __init__(self, loader: SelectiveLoader | None = None) -> None:

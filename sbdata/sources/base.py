@@ -52,12 +52,24 @@ def dataloader_batch_sizes(loader: Any) -> list[int] | None:
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
     inner = loader.batch_sampler
-    if type(inner) is not BatchSampler:
-        return None
     try:
-        return default_batch_sizes(len(inner.sampler), inner.batch_size, inner.drop_last)  # type: ignore[arg-type]
+        if type(inner) is BatchSampler:
+            return default_batch_sizes(len(inner.sampler), inner.batch_size, inner.drop_last)  # type: ignore[arg-type]
+        if _full_batches_only(inner):
+            return [inner.batch_size] * len(inner)
     except TypeError:
         return None
+    return None
+
+
+def _full_batches_only(batch_sampler: Any) -> bool:
+    """Accelerate's ``BatchSamplerShard`` with ``even_batches`` (its default) or ``drop_last``
+    and no ``split_batches`` gives every rank ``len()`` full batches."""
+    return (
+        type(batch_sampler).__name__ == "BatchSamplerShard"
+        and not getattr(batch_sampler, "split_batches", True)
+        and bool(getattr(batch_sampler, "even_batches", False) or getattr(batch_sampler, "drop_last", False))
+    )
 
 
 def close_iterator(it: Any) -> None:

@@ -36,4 +36,8 @@ class StatefulSource(IterableSource):
 
 
 def is_stateful(loader: Any) -> bool:
+    """The loader keeps its own position: it has ``state_dict``/``load_state_dict``, and is not
+    an Accelerate ``DataLoaderShard`` whose methods only work with ``use_stateful_dataloader``."""
+    if getattr(loader, "use_stateful_dataloader", True) is False:
+        return False
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
