@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import distributed as dist_utils
 from .batches import batch_length, get_field, to_device
+from .cache import as_ids
 from .planning import EpochPlan, candidate_plan, check_global_ids, cut_plan, select_from_cache, share_selection
 from .policies import Selection
 from .repack import Repacker
@@ -462,7 +463,7 @@ class EpochRun:
                 f"index_key={key!r} must give one integer id per example, shape [{n}], got "
                 f"{ids.dtype} of shape {list(ids.shape)}"
             )
-        return ids.cpu().long()
+        return as_ids(ids, argument=f"index_key={key!r}")
 
     def _score(self, batch: Any, ids: Tensor | None, n: int) -> Tensor:
         sb = self._sb

@@ -1,9 +1,15 @@
 """The loss cache of stale mode: the last loss of every example and the epoch it was measured.
 
-Storage is two flat tensors indexed by example id, ``float32`` loss and ``int32`` epoch: 8
-bytes per example (10 MB for ImageNet-1k). Reads and writes touch only the ids of one batch,
-never the whole table. The table grows (doubling) when an id beyond its end arrives, so the
-dataset size need not be known up front.
+Storage is two flat tables, ``float32`` loss and ``int32`` epoch: 8 bytes per example (10 MB
+for ImageNet-1k). Reads and writes touch only the ids of one batch, never the whole table.
+
+NOTE [ Dense or sparse ids ]
+Example ids are usually dataset indices, ``0 .. N-1``: the tables are then indexed by id
+directly and grow (doubling) as larger ids arrive. Ids can also be sparse (a database key, a
+hash): a table up to the largest id would then be mostly empty, so once an id lands far past
+what the dataset's size explains, the cache switches to a sorted table of the ids it has seen
+(8 more bytes per example, a binary search per lookup). Memory follows the number of examples,
+never the size of the largest id.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import Tensor
 __all__ = ["LossCache", "grown"]
 
 _NEVER = -1  # epoch stored for ids that were never measured
+_DENSE_MIN = 1 << 16  # ids below this are always stored densely
 
 
 def grown(table: Tensor, needed: int, fill: float | int = 0) -> Tensor:
@@ -28,67 +35,146 @@ def grown(table: Tensor, needed: int, fill: float | int = 0) -> Tensor:
     return out
 
 
-class LossCache:
-    """Per-example losses keyed by integer example id (``0 <= id``)."""
+def as_ids(ids: Any, argument: str = "index_key") -> Tensor:
+    """``ids`` as a flat CPU ``int64`` tensor; non-integer or negative ids raise, naming ``argument``."""
+    ids = torch.as_tensor(ids).flatten()
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"example ids must be integers, got dtype {ids.dtype}; check {argument}=")
+    ids = ids.cpu().long()
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(
+            f"example ids must be >= 0, got {int(ids.min())}; {argument}= must locate each example's "
+            "index (or another non-negative integer key) in the batch"
+        )
+    return ids
 
-    def __init__(self, size: int = 0) -> None:
-        self._loss = torch.zeros(size, dtype=torch.float32)
-        self._epoch = torch.full((size,), _NEVER, dtype=torch.int32)
+
+class IdTable:
+    """Columns of values keyed by example id, dense or sparse (NOTE [ Dense or sparse ids ]).
+
+    ``columns`` maps a name to ``(dtype, fill)``: the value of an id never written.
+    """
+
+    def __init__(self, columns: dict[str, tuple[torch.dtype, float | int]], size: int = 0) -> None:
+        self._spec = columns
+        self._size_hint = size
+        self._count = 0  # ids written at least once (an upper bound while dense)
+        self.keys: Tensor | None = None  # sorted ids, once sparse; None while dense
+        self.cols = {name: torch.full((size,), fill, dtype=dtype) for name, (dtype, fill) in columns.items()}
 
     def __len__(self) -> int:
-        """Capacity: ids below this are stored (measured or not)."""
-        return self._loss.numel()
+        return next(iter(self.cols.values())).numel()
 
     @property
     def nbytes(self) -> int:
-        return self._loss.element_size() * self._loss.numel() + self._epoch.element_size() * self._epoch.numel()
+        tables = list(self.cols.values()) + ([self.keys] if self.keys is not None else [])
+        return sum(t.element_size() * t.numel() for t in tables)
 
-    def _grow(self, needed: int) -> None:
-        self._loss, self._epoch = grown(self._loss, needed), grown(self._epoch, needed, _NEVER)
+    def _to_sparse(self, written: Tensor) -> None:
+        self.keys = torch.nonzero(written).flatten()
+        self.cols = {name: col[self.keys].clone() for name, col in self.cols.items()}
 
-    @staticmethod
-    def _as_ids(ids: Tensor) -> Tensor:
-        ids = torch.as_tensor(ids).flatten()
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"example ids must be integers, got dtype {ids.dtype}")
-        ids = ids.cpu().long()
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError(f"example ids must be >= 0, got {int(ids.min())}")
-        return ids
+    def slots(self, ids: Tensor, written: Tensor | None = None) -> Tensor:
+        """Slots for ``ids``, made where missing; ``written``: a mask of the slots in use, needed
+        only to switch to sparse storage."""
+        if self.keys is None:
+            top = int(ids.max()) if ids.numel() else -1
+            if top < max(2 * max(self._size_hint, self._count), _DENSE_MIN):
+                if top >= len(self):
+                    self.cols = {n: grown(c, top + 1, self._spec[n][1]) for n, c in self.cols.items()}
+                self._count = max(self._count, top + 1)
+                return ids
+            self._to_sparse(written if written is not None else torch.ones(len(self), dtype=torch.bool))
+        assert self.keys is not None
+        new = torch.unique(ids)
+        new = new[~torch.isin(new, self.keys)]
+        if new.numel():
+            keys = torch.cat([self.keys, new])
+            order = torch.argsort(keys)
+            self.keys = keys[order]
+            self.cols = {
+                n: torch.cat([c, torch.full((new.numel(),), self._spec[n][1], dtype=c.dtype)])[order]
+                for n, c in self.cols.items()
+            }
+        return torch.searchsorted(self.keys, ids)
+
+    def find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(slots, found)`` for ``ids``, making nothing; ``slots`` is 0 where not found."""
+        if self.keys is None:
+            found = ids < len(self)
+            return torch.where(found, ids, 0), found
+        if self.keys.numel() == 0:
+            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        slots = torch.searchsorted(self.keys, ids).clamp(max=self.keys.numel() - 1)
+        found = self.keys[slots] == ids
+        return torch.where(found, slots, 0), found
+
+    def get(self, name: str, ids: Tensor) -> Tensor:
+        """Column ``name`` at ``ids`` (the fill value where an id was never written)."""
+        slots, found = self.find(ids)
+        fill = torch.full((ids.numel(),), self._spec[name][1], dtype=self._spec[name][0])
+        return torch.where(found, self.cols[name][slots], fill) if len(self) else fill
+
+    def items(self, written: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(ids, columns)`` of the slots in ``written`` (a mask over the table)."""
+        slots = torch.nonzero(written).flatten()
+        ids = slots if self.keys is None else self.keys[slots]
+        return ids, {n: c[slots].clone() for n, c in self.cols.items()}
+
+
+class LossCache:
+    """Per-example losses keyed by integer example id (``0 <= id``); ``size``: the number of
+    examples expected, if known (NOTE [ Dense or sparse ids ])."""
+
+    def __init__(self, size: int = 0) -> None:
+        self._table = IdTable({"loss": (torch.float32, 0.0), "epoch": (torch.int32, _NEVER)}, size)
+
+    def __len__(self) -> int:
+        """Entries stored (measured or not)."""
+        return len(self._table)
+
+    @property
+    def nbytes(self) -> int:
+        return self._table.nbytes
+
+    @property
+    def sparse(self) -> bool:
+        return self._table.keys is not None
 
     def update(self, ids: Tensor, losses: Tensor, epoch: int) -> None:
         """Store ``losses[i]`` as the loss of example ``ids[i]``, measured in ``epoch``."""
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         if ids.numel() == 0:
             return
-        self._grow(int(ids.max()) + 1)
-        self._loss[ids] = losses.detach().float().cpu().flatten()
-        self._epoch[ids] = epoch
+        slots = self._table.slots(ids, written=self._table.cols["epoch"] != _NEVER)
+        self._table.cols["loss"][slots] = losses.detach().float().cpu().flatten()
+        self._table.cols["epoch"][slots] = epoch
 
     def lookup(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(losses, known)`` for ``ids``; ``known`` is False where no loss was ever stored."""
-        ids = self._as_ids(ids)
-        inside = ids < len(self)
-        losses = torch.zeros(ids.numel(), dtype=torch.float32)
-        epochs = torch.full((ids.numel(),), _NEVER, dtype=torch.int32)
-        losses[inside] = self._loss[ids[inside]]
-        epochs[inside] = self._epoch[ids[inside]]
-        return losses, epochs != _NEVER
+        ids = as_ids(ids)
+        return self._table.get("loss", ids), self._table.get("epoch", ids) != _NEVER
 
     def measured_epoch(self, ids: Tensor) -> Tensor:
         """The epoch each id's loss was measured in (-1: never)."""
-        ids = self._as_ids(ids)
-        out = torch.full((ids.numel(),), _NEVER, dtype=torch.int32)
-        inside = ids < len(self)
-        out[inside] = self._epoch[ids[inside]]
-        return out
+        return self._table.get("epoch", as_ids(ids))
 
     def known_count(self) -> int:
-        return int((self._epoch != _NEVER).sum())
+        return int((self._table.cols["epoch"] != _NEVER).sum())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self._loss.clone(), "epoch": self._epoch.clone()}
+        """The measured entries: ids (omitted when every id below the table's end is measured),
+        losses and epochs."""
+        written = self._table.cols["epoch"] != _NEVER
+        ids, cols = self._table.items(written)
+        dense_and_full = self._table.keys is None and bool(written.all())
+        return {"ids": None if dense_and_full else ids, "loss": cols["loss"], "epoch": cols["epoch"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._loss = state["loss"].float().clone()
-        self._epoch = state["epoch"].to(torch.int32).clone()
+        self._table = IdTable(dict(self._table._spec), self._table._size_hint)
+        loss, epoch = state["loss"].float(), state["epoch"].to(torch.int32)
+        ids = torch.arange(loss.numel()) if state["ids"] is None else state["ids"].long()
+        if ids.numel():
+            slots = self._table.slots(ids, written=None)
+            self._table.cols["loss"][slots] = loss
+            self._table.cols["epoch"][slots] = epoch

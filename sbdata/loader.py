@@ -142,7 +142,7 @@ class SelectiveBatchLoader:
         )
         check_keeps_rows(self._policy, source.batch_size() or max(source.batch_sizes() or [0]), config.keep)
         #: per-example losses and the epoch each was measured in (stale mode)
-        self.cache = LossCache(source.num_examples() or 0)
+        self.cache = LossCache(source.num_examples() or 0 if config.stale is not None else 0)
         #: counters per epoch: loaded, scored, selected, yielded, ... (``sb.stats.current``)
         self.stats = LoaderStats()
         #: samples of losses selected and skipped, for :func:`sbdata.plot.selection_report`

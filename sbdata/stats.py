@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import grown
+from .cache import IdTable
 
-__all__ = ["EpochStats", "LoaderStats", "SelectionLog"]
+__all__ = ["HISTORY_EPOCHS", "SAMPLED_EPOCHS", "EpochStats", "LoaderStats", "SelectionLog"]
 
 
 @dataclass
@@ -54,9 +54,16 @@ class EpochStats:
         return asdict(self)
 
 
+#: finished epochs kept in ``LoaderStats.history`` and in checkpoints (the state stays bounded)
+HISTORY_EPOCHS = 32
+#: epochs whose loss samples ``SelectionLog`` keeps (and checkpoints)
+SAMPLED_EPOCHS = 8
+
+
 @dataclass
 class LoaderStats:
-    """``current`` is the epoch in progress (or last finished); ``history`` every finished epoch."""
+    """``current`` is the epoch in progress (or last finished); ``history`` the last
+    :data:`HISTORY_EPOCHS` finished epochs."""
 
     current: EpochStats = field(default_factory=EpochStats)
     history: list[EpochStats] = field(default_factory=list)
@@ -67,6 +74,7 @@ class LoaderStats:
 
     def end(self) -> None:
         self.history.append(self.current)
+        del self.history[:-HISTORY_EPOCHS]
 
     def __getitem__(self, epoch: int) -> EpochStats:
         for stats in reversed(self.history):
@@ -90,38 +98,42 @@ class LoaderStats:
 class SelectionLog:
     """What the selection looked like, for :func:`sbdata.plot.selection_report`.
 
-    Per epoch, a sample of about ``max_samples`` scored (or cached) losses with whether each was
-    kept; per example id, how often it was a candidate and how often it was kept (4 + 4 bytes
-    per example, only when ids are known). The sample is drawn with its own generator, so
-    logging never changes which examples are selected.
+    Per epoch (the last :data:`SAMPLED_EPOCHS`), a sample of about ``max_samples`` scored (or
+    cached) losses with whether each was kept; per example id, how often it was a candidate
+    and how often it was kept (4 + 4 bytes per example, only when ids are known; sparse ids as
+    in :class:`~sbdata.cache.IdTable`). The sample is drawn with its own generator, so logging
+    never changes which examples are selected.
 
     NOTE [ Logging stays off the hot path ]
     ``observe`` runs once per source batch, so it does almost nothing there: the sample is a
     reservoir of whole batches (one random draw per batch; a kept-mask is built only for the
-    few batches that enter the reservoir), and the per-id counts are queued and folded in with
-    one ``bincount`` per many batches. With equal-sized batches every loss of an epoch is
-    equally likely to be in the sample.
+    few batches that enter the reservoir), and the per-id counts are added at the batch's ids
+    only (work in proportion to the batch, never to the table). With equal-sized batches every
+    loss of an epoch is equally likely to be in the sample.
     """
 
     def __init__(self, max_samples: int = 4096, seed: int = 0) -> None:
         self.max_samples = max_samples
         self._reservoir: dict[int, list[tuple[Tensor, Tensor]]] = {}  # epoch -> [(losses, kept?)]
         self._seen: dict[int, list[int]] = {}  # epoch -> [losses seen, batches seen, sampled]
-        self._candidates = torch.zeros(0, dtype=torch.int32)
-        self._kept = torch.zeros(0, dtype=torch.int32)
-        self._queued: list[tuple[Tensor, Tensor]] = []  # (candidate ids, kept ids), not yet counted
+        self._counts = _count_table()
         self._generator = torch.Generator().manual_seed(seed)
 
     def observe(self, epoch: int, losses: Tensor, rows: Tensor, ids: Tensor | None) -> None:
         """Note that ``rows`` of the candidates ``losses`` (example ``ids``, if known) were kept."""
         self._sample(epoch, losses, rows)
         if ids is not None:
-            self._queued.append((ids, ids[rows.to(ids.device)]))
-            if len(self._queued) >= 256:
-                self._fold()
+            ids = ids.cpu().long()
+            slots = self._counts.slots(ids, written=self._counts.cols["candidates"] > 0)
+            self._counts.cols["candidates"].index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+            kept = slots[rows.cpu()]
+            self._counts.cols["kept"].index_add_(0, kept, torch.ones_like(kept, dtype=torch.int32))
 
     def _sample(self, epoch: int, losses: Tensor, rows: Tensor) -> None:
         """Reservoir sampling over batches (Algorithm R with whole batches as the items)."""
+        if epoch not in self._reservoir:
+            for old in sorted(self._reservoir)[:-SAMPLED_EPOCHS + 1]:  # keep the last few epochs
+                del self._reservoir[old], self._seen[old]
         reservoir = self._reservoir.setdefault(epoch, [])
         seen = self._seen.setdefault(epoch, [0, 0, 0])
         seen[0] += losses.numel()
@@ -153,51 +165,50 @@ class SelectionLog:
             out[epoch] = (losses, chosen, self._seen[epoch][0])
         return out
 
-    def _fold(self) -> None:
-        if not self._queued:
-            return
-        candidates = torch.cat([c for c, _ in self._queued]).cpu().long()
-        kept = torch.cat([k for _, k in self._queued]).cpu().long()
-        self._queued = []
-        if candidates.numel() == 0:
-            return
-        needed = int(candidates.max()) + 1
-        self._candidates, self._kept = grown(self._candidates, needed), grown(self._kept, needed)
-        size = self._candidates.numel()
-        self._candidates += torch.bincount(candidates, minlength=size).to(torch.int32)
-        self._kept += torch.bincount(kept, minlength=size).to(torch.int32)
+    def counts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, candidacies, times kept)`` of every example that was ever a candidate."""
+        ids, cols = self._counts.items(self._counts.cols["candidates"] > 0)
+        return ids, cols["candidates"], cols["kept"]
+
+    def _dense(self, name: str) -> Tensor:
+        if self._counts.keys is not None:
+            raise ValueError("example ids are sparse here (far larger than the dataset); use counts()")
+        return self._counts.cols[name]
 
     @property
     def candidates(self) -> Tensor:
-        """Per example id: how many times it was a selection candidate."""
-        self._fold()
-        return self._candidates
+        """Per example id: how many times it was a selection candidate (dense ids)."""
+        return self._dense("candidates")
 
     @property
     def kept(self) -> Tensor:
-        """Per example id: how many times it was kept."""
-        self._fold()
-        return self._kept
+        """Per example id: how many times it was kept (dense ids)."""
+        return self._dense("kept")
 
     def selection_frequency(self) -> Tensor:
         """Per example that was ever a candidate: the fraction of its candidacies that were kept."""
-        candidates, kept = self.candidates, self.kept
-        seen = candidates > 0
-        return kept[seen].float() / candidates[seen].float()
+        _, candidates, kept = self.counts()
+        return kept.float() / candidates.float()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "reservoir": {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in self._reservoir.items()},
             "seen": {int(e): list(v) for e, v in self._seen.items()},
-            "candidates": self.candidates.clone(),
-            "kept": self.kept.clone(),
+            "counts": self.counts(),
             "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reservoir = {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in state["reservoir"].items()}
         self._seen = {int(e): list(v) for e, v in state["seen"].items()}
-        self._candidates = state["candidates"].clone()
-        self._kept = state["kept"].clone()
-        self._queued = []
+        self._counts = _count_table()
+        ids, candidates, kept = state["counts"]
+        if ids.numel():
+            slots = self._counts.slots(ids.long())
+            self._counts.cols["candidates"][slots] = candidates
+            self._counts.cols["kept"][slots] = kept
         self._generator.set_state(state["generator"])
+
+
+def _count_table() -> IdTable:
+    return IdTable({"candidates": (torch.int32, 0), "kept": (torch.int32, 0)})
