@@ -273,6 +273,8 @@ class EpochRun:
             for k, (batch, ids) in enumerate(pairs, first):
                 self.consumed = k + 1
                 n = self._loaded(batch)
+                if sb.config.index_key is not None:  # checked, but the loaded indices key the cache
+                    self._ids_of(batch, None, n)
                 if plan.passes[k]:
                     yield from self._pass_through(batch, ids, n, k)
                 elif plan.preselected:

@@ -39,11 +39,11 @@ def as_ids(ids: Any, argument: str = "index_key") -> Tensor:
     """``ids`` as a flat CPU ``int64`` tensor; non-integer or negative ids raise, naming ``argument``."""
     ids = torch.as_tensor(ids).flatten()
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"example ids must be integers, got dtype {ids.dtype}; check {argument}=")
+        raise TypeError(f"example ids must be integers, got dtype {ids.dtype}; check {argument}")
     ids = ids.cpu().long()
     if ids.numel() and int(ids.min()) < 0:
         raise ValueError(
-            f"example ids must be >= 0, got {int(ids.min())}; {argument}= must locate each example's "
+            f"example ids must be >= 0, got {int(ids.min())}; {argument} must locate each example's "
             "index (or another non-negative integer key) in the batch"
         )
     return ids

@@ -40,6 +40,28 @@ __all__ = ["SelectiveBatchLoader"]
 _FIXED = frozenset(OPTION_NAMES) | {"model", "loader", "config"}
 
 
+def _keep_for(keep: float | None, policy: Any) -> Any:
+    """``keep``, defaulting to 0.5 or a policy object's own ``keep``; the two must not disagree."""
+    own = None if isinstance(policy, str) else getattr(policy, "keep", None)
+    if keep is None:
+        return 0.5 if own is None else own
+    if own is not None and keep != own:
+        raise ValueError(
+            f"keep={keep!r} but policy={policy!r} keeps {own!r}; the policy object decides how many rows "
+            "are kept, so leave keep= out (or pass the same value to both)"
+        )
+    return keep
+
+
+def _device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch.device or a name such as 'cuda:0', got device={device!r}") from e
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -61,7 +83,8 @@ class SelectiveBatchLoader:
         loader: a ``torch.utils.data.DataLoader``, an FFCV ``Loader`` or any re-iterable of
             batches. Batches are tensors, tuples, lists, dicts or nested mixes of them.
         model: the scorer, usually the model being trained.
-        keep: fraction of each source batch kept while selection is active, in (0, 1].
+        keep: fraction of each source batch kept while selection is active, in (0, 1]; default
+            0.5, or the ``keep`` of a policy object passed as ``policy``.
         loss_fn: ``(outputs, targets) -> losses[N]``; default cross-entropy. A loss module with a
             ``reduction`` attribute, or a function with a ``reduction`` argument, is used with
             ``reduction="none"``.
@@ -102,7 +125,7 @@ class SelectiveBatchLoader:
         self,
         loader: Any,
         model: nn.Module,
-        keep: float = 0.5,
+        keep: float | None = None,
         *,
         loss_fn: LossFn | None = None,
         score_fn: ScoreFn | None = None,
@@ -124,9 +147,10 @@ class SelectiveBatchLoader:
         nonfinite: str = "raise",
         seed: int = 0,
     ) -> None:
+        keep = _keep_for(keep, policy)
         config = LoaderConfig(
             keep, loss_fn, score_fn, policy, batch_size, epochs, start, end, interrupt, scale_factor,
-            stale, input_key, target_key, index_key, torch.device(device) if device is not None else None,
+            stale, input_key, target_key, index_key, _device(device),
             last_batch, scoring_mode, autocast_dtype, nonfinite, seed,
         )  # fmt: skip
         if not isinstance(model, nn.Module):

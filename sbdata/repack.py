@@ -144,8 +144,9 @@ class Repacker:
                 got = f"{tuple(leaf.shape[1:])} {leaf.dtype}" if isinstance(leaf, Tensor) else type(leaf)
                 raise ValueError(
                     f"rows of shape {tuple(dest.shape[1:])} {dest.dtype} are waiting to be re-packed "
-                    f"but the next batch has rows of {got}; with last_batch='carry' the row shape "
-                    "must not change between epochs (use last_batch='yield' or 'drop')"
+                    f"but the next source batch has rows of {got}; every source batch of an epoch must "
+                    "have the same per-example shapes and dtypes (and, with last_batch='carry', so "
+                    "must consecutive epochs)"
                 )
 
     def _finish(self, count: int) -> Any:

@@ -95,18 +95,20 @@ def _norm_buffers(model: nn.Module) -> list[Tensor]:
 
 @contextlib.contextmanager
 def preserved_model_state(
-    model: nn.Module, mode: str, modules: Sequence[nn.Module] | None = None
+    model: nn.Module, mode: str, modules: Sequence[nn.Module] | None = None, *, always_buffers: bool = False
 ) -> Iterator[None]:
     """Put ``model`` in ``mode`` ("eval" or "train") for scoring; afterwards restore every
     module's training flag and every normalisation buffer exactly.
 
     ``modules`` is ``list(model.modules())`` if the caller has it already (the loader keeps it
     for an epoch: walking the module tree for every batch is a measurable cost).
+    ``always_buffers``: save and restore the normalisation buffers in eval mode too (a user's
+    ``score_fn`` may switch modules back to train mode).
     """
     wanted = mode == "train"
     modules = list(model.modules()) if modules is None else modules
     flags = [m.training for m in modules]
-    saved = [(buf, buf.clone()) for buf in _norm_buffers(model)] if wanted else []
+    saved = [(buf, buf.clone()) for buf in _norm_buffers(model)] if wanted or always_buffers else []
     switch = any(flag != wanted for flag in flags)
     if switch and wanted:
         model.train(True)  # through train(), so modules that override it still see the call
@@ -163,7 +165,7 @@ def score_batch(
     built-in pass: no gradients, the configured scoring mode, model mode and BatchNorm buffers
     restored, and autocast (NOTE [ Scoring leaves the model untouched ])."""
     if config.score_fn is not None:
-        with torch.no_grad(), preserved_model_state(model, config.scoring_mode, modules), _autocast(
+        with torch.no_grad(), preserved_model_state(model, config.scoring_mode, modules, always_buffers=True), _autocast(
             _first_tensor(batch), config.autocast_dtype
         ):
             return config.score_fn(model, batch), "score_fn"

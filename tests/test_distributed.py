@@ -157,3 +157,19 @@ def test_ranks_with_uneven_shards_stop_together_and_count_the_surplus():
     assert (r0["own_len"], r1["own_len"]) == (3, 4)
     assert r0["batches"] == r1["batches"] == 3
     assert r0["dropped"] == 0 and r1["dropped"] > 0
+
+
+def _per_rank_dataset_worker(rank: int, world: int):
+    loader = DataLoader(IndexedPairs(40), batch_size=8)  # each rank its own dataset, ids 0..39 on both
+    sb = SelectiveBatchLoader(loader, Echo(), keep=0.5, loss_fn=loss_from_x, stale=2)
+    list(sb)  # fresh
+    try:
+        list(sb)  # the first stale epoch plans one global selection
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_per_rank_datasets_with_local_ids_are_refused_at_the_first_stale_epoch():
+    for message in run_on_two_ranks(_per_rank_dataset_worker):
+        assert "40 example ids" in message and "DistributedSampler" in message and "index_key=" in message

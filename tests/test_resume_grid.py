@@ -92,3 +92,61 @@ def test_a_checkpoint_on_every_step_resumes_exactly():
     make = maker("generator", policy="infobatch", stale=2, last_batch="carry", batch_size=5)
     expected = uninterrupted_run(make, EPOCHS, lambda b: b[2])
     assert chained_run(make, EPOCHS, lambda b: b[2], range(len(expected) + 1)) == expected
+
+
+# ---------------------------------------------------------------- what the state holds
+
+
+def _state_bytes(sb) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(sb.state_dict(), buffer)
+    return buffer.tell()
+
+
+@pytest.mark.parametrize("stale", [None, 2])
+def test_the_state_stays_bounded_over_200_epochs(stale):
+    sb = SelectiveBatchLoader(
+        DataLoader(IndexedPairs(512), batch_size=32, shuffle=True), Echo(), keep=0.5, loss_fn=loss_from_x,
+        policy="threshold", stale=stale,
+    )  # fmt: skip
+    sizes = []
+    for _ in range(200):
+        for _, _, ids in sb:
+            sb.record(ids.float())
+        sizes.append(_state_bytes(sb))
+    settled = sizes[40]  # the kept history (32 epochs of stats, 8 of loss samples) is full by then
+    assert max(sizes[40:]) <= settled * 1.02, f"state grew from {settled} to {max(sizes[40:])} bytes"
+    assert len(sb.stats.history) == 32
+
+
+def test_fresh_mode_stores_no_per_example_cache():
+    sb = SelectiveBatchLoader(DataLoader(IndexedPairs(4096), batch_size=64), Echo(), loss_fn=loss_from_x)
+    for _, _, ids in sb:
+        sb.record(ids.float())
+    state = sb.state_dict()
+    assert state["cache"] is None and sb.cache.nbytes == 0
+
+
+def test_sparse_ids_take_memory_by_examples_not_by_the_largest_id():
+    ids = torch.arange(24) * 40_000_000 + 11  # up to ~1e9
+    batches = [(ids[i : i + 8, None].float(), torch.zeros(8, dtype=torch.long), ids[i : i + 8]) for i in range(0, 24, 8)]
+    sb = SelectiveBatchLoader(batches, Echo(), keep=0.5, loss_fn=lambda o, y: o[:, 0] % 1000, stale=2, index_key=2, batch_size=4)
+    for _ in range(3):
+        list(sb)
+    assert sb.cache.sparse and sb.cache.nbytes < 1024
+    losses, known = sb.cache.lookup(ids)
+    assert bool(known.all()) and torch.equal(losses, (ids.float() % 1000))
+    assert [s.mode for s in sb.stats.history] == ["fresh", "stale", "fresh"]
+    resumed = SelectiveBatchLoader(batches, Echo(), keep=0.5, loss_fn=lambda o, y: o[:, 0] % 1000, stale=2, index_key=2, batch_size=4)
+    resumed.load_state_dict(torch.load(__import__("io").BytesIO(_save(sb.state_dict())), weights_only=True))
+    assert torch.equal(resumed.cache.lookup(ids)[0], losses)
+
+
+def _save(state) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

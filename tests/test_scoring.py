@@ -346,3 +346,28 @@ def test_batches_are_yielded_on_the_model_device():
     assert sb.device == torch.device("cpu")
     explicit = SelectiveBatchLoader(_xy_batches([8]), model, keep=0.5, batch_size=4, device="cpu")
     assert all(x.device.type == "cpu" for x, _ in explicit)
+
+
+def test_score_fn_runs_under_the_same_guarantees_as_the_built_in_pass():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sbdata import SelectiveBatchLoader
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+
+    def score_fn(model, batch):
+        x, y = batch
+        seen.append((torch.is_grad_enabled(), model.training, torch.is_autocast_enabled("cpu")))
+        model.train()  # a careless score_fn: sbdata restores the mode and the BatchNorm buffers
+        return F.cross_entropy(model(x).float(), y, reduction="none")
+
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    sb = SelectiveBatchLoader(DataLoader(data, batch_size=8), net, keep=0.5, score_fn=score_fn, autocast_dtype=torch.bfloat16)
+    assert len(list(sb)) == 2
+    assert seen == [(False, False, True)] * 4, "no grad, eval mode, autocast"
+    assert net.training and all(m.training for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by scoring"

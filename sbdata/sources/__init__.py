@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from torch.utils.data import DataLoader, IterableDataset
+
 from .base import Source, close_iterator, default_batch_sizes, forward_set_epoch
 from .dataloader import DataLoaderSource, PlannedBatchSampler, rebuildable
 from .iterable import IterableSource, StatefulSource, is_stateful
@@ -42,6 +44,12 @@ def make_source(loader: Any) -> Source:
             f"loader is a one-shot iterator ({type(loader).__name__}); it would be empty after the "
             "first epoch. Pass a re-iterable (a DataLoader, a list, or an object whose __iter__ "
             "starts a new pass)"
+        )
+    if isinstance(loader, DataLoader) and loader.batch_sampler is None and not isinstance(loader.dataset, IterableDataset):
+        raise ValueError(
+            "loader is a DataLoader(batch_size=None): it yields single examples, not batches, and "
+            "SelectiveBatchLoader selects rows of batches; give the DataLoader a batch_size (the "
+            "source batch to select from)"
         )
     if _is_ffcv_loader(loader):
         from .ffcv import FFCVSource
