@@ -220,6 +220,9 @@ class EpochRun:
 
     def state_dict(self) -> dict[str, Any]:
         """The position "as yielded": what the next ``next()`` would continue from."""
+        source = self._sb._source
+        if self._started and not source.loads_ids and not source.stateful:
+            self._sb._warn_replay_once()
         return {
             "started": self._started,
             "epoch": self.epoch,

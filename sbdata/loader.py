@@ -10,6 +10,7 @@ Decisions are pure functions elsewhere: :mod:`~sbdata.policies` (which rows),
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -367,6 +368,18 @@ class SelectiveBatchLoader:
         return dist_utils.gather_id_batches(local)
 
     # ------------------------------------------------------------------ record and weights
+
+    def _warn_replay_once(self) -> None:
+        if self.__dict__.get("_warned_replay") or isinstance(self.loader, (list, tuple)):
+            return  # a list replays itself exactly
+        self._warned_replay = True
+        warnings.warn(
+            f"sbdata resumes a mid-epoch checkpoint of a {type(self.loader).__name__} by iterating it again "
+            "and skipping what was consumed: exact only if, after set_epoch(), it yields the same batches "
+            "again. For an exact resume, wrap a map-style torch DataLoader (sbdata then draws each epoch's "
+            "ids itself), a StatefulDataLoader, or an object with its own state_dict()/load_state_dict()",
+            stacklevel=4,
+        )
 
     def _handed_out(self, size: int, ids: Tensor | None, weights: Tensor | None, epoch: int) -> None:
         self._handouts.push(Handout(size, ids, weights, epoch))

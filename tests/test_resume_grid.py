@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sbdata import SelectiveBatchLoader
-from sbdata.resume_check import chained_run, uninterrupted_run
+from sbdata.bench.resume import chained_run, uninterrupted_run
 
 from .conftest import Echo, IndexedPairs, loss_from_x
 
