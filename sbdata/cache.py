@@ -128,6 +128,7 @@ class LossCache:
 
     def __init__(self, size: int = 0) -> None:
         self._table = IdTable({"loss": (torch.float32, 0.0), "epoch": (torch.int32, _NEVER)}, size)
+        self._per_epoch: dict[int, int] = {}  # epoch -> examples whose latest loss is from it
 
     def __len__(self) -> int:
         """Entries stored (measured or not)."""
@@ -147,8 +148,30 @@ class LossCache:
         if ids.numel() == 0:
             return
         slots = self._table.slots(ids, written=self._table.cols["epoch"] != _NEVER)
+        self._count(self._table.cols["epoch"][torch.unique(slots)], epoch)
         self._table.cols["loss"][slots] = losses.detach().float().cpu().flatten()
         self._table.cols["epoch"][slots] = epoch
+
+    def _count(self, previous: Tensor, epoch: int) -> None:
+        """Move the examples whose epochs were ``previous`` to ``epoch`` in the per-epoch counts
+        (work in proportion to the batch: NOTE [ Recency is a counter ])."""
+        old, counts = torch.unique(previous, return_counts=True)
+        for e, c in zip(old.tolist(), counts.tolist()):
+            if e != _NEVER:
+                left = self._per_epoch[e] - c
+                if left:
+                    self._per_epoch[e] = left
+                else:
+                    del self._per_epoch[e]
+        self._per_epoch[epoch] = self._per_epoch.get(epoch, 0) + previous.numel()
+
+    def oldest_epoch(self) -> int:
+        """The epoch of the oldest loss in the cache (-1 if empty), in O(epochs).
+
+        NOTE [ Recency is a counter ] The cache counts how many examples' latest loss comes
+        from each epoch, updated with every write, so "is every cached loss younger than n
+        epochs" needs no pass over the table."""
+        return min(self._per_epoch, default=_NEVER)
 
     def lookup(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(losses, known)`` for ``ids``; ``known`` is False where no loss was ever stored."""
@@ -160,7 +183,8 @@ class LossCache:
         return self._table.get("epoch", as_ids(ids))
 
     def known_count(self) -> int:
-        return int((self._table.cols["epoch"] != _NEVER).sum())
+        """Examples with a cached loss, in O(epochs)."""
+        return sum(self._per_epoch.values())
 
     def state_dict(self) -> dict[str, Any]:
         """The measured entries: ids (omitted when every id below the table's end is measured),
@@ -174,7 +198,10 @@ class LossCache:
         self._table = IdTable(dict(self._table._spec), self._table._size_hint)
         loss, epoch = state["loss"].float(), state["epoch"].to(torch.int32)
         ids = torch.arange(loss.numel()) if state["ids"] is None else state["ids"].long()
+        self._per_epoch = {}
         if ids.numel():
             slots = self._table.slots(ids, written=None)
             self._table.cols["loss"][slots] = loss
             self._table.cols["epoch"][slots] = epoch
+            values, counts = torch.unique(epoch, return_counts=True)
+            self._per_epoch = {int(e): int(c) for e, c in zip(values, counts) if int(e) != _NEVER}

@@ -260,9 +260,11 @@ class SelectiveBatchLoader:
             return PLAIN
         if cfg.stale is None:
             return FRESH
-        ids = candidates if candidates is not None else self._all_ids()
-        measured = self.cache.measured_epoch(ids) if ids is not None and ids.numel() else None
-        oldest = int(measured.min()) if measured is not None else -1
+        if candidates is None:  # every example of the dataset, from the cache's counts (O(1))
+            n = self._source.num_examples()
+            oldest = self.cache.oldest_epoch() if n and self.cache.known_count() >= n else -1
+        else:
+            oldest = int(self.cache.measured_epoch(candidates).min()) if candidates.numel() else -1
         first = first_active_epoch(cfg.epochs, cfg.start, cfg.end)
         due = epoch <= first if cfg.stale == "once" else (epoch - first) % cfg.stale == 0
         recent = oldest >= 0 and (cfg.stale == "once" or oldest > epoch - cfg.stale)
@@ -271,10 +273,6 @@ class SelectiveBatchLoader:
         fresh = oldest < 0 or (due and not recent)
         fresh = bool(dist_utils.all_reduce_int(int(fresh), "max"))  # every rank sees its own candidates
         return FRESH if fresh else STALE
-
-    def _all_ids(self) -> Tensor | None:
-        n = self._source.num_examples()
-        return torch.arange(n) if n else None
 
     def _epoch_shape(self, epoch: int, carried: int) -> dict[str, Any]:
         sizes = self._source.batch_sizes()

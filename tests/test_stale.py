@@ -272,3 +272,19 @@ def test_infobatch_weights_in_a_stale_epoch_use_the_running_mean_as_of_each_sour
             assert w == (2.0 if i + 1 < mean else 1.0), (i, w, mean)
             rows += 1
     assert sb.stats.history[-1].mode == "stale" and rows > n // 2
+
+
+def test_recency_is_kept_as_counts_not_found_by_a_scan(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    cache = LossCache(100)
+    for epoch in range(6):
+        ids = torch.randint(0, 100, (40,), generator=g)
+        cache.update(ids, torch.rand(40, generator=g), epoch)
+        measured = cache.measured_epoch(torch.arange(100))
+        assert cache.known_count() == int((measured >= 0).sum())
+        assert cache.oldest_epoch() == int(measured[measured >= 0].min())
+    sb, _ = make(DataLoader(IndexedPairs(N), batch_size=8), stale=2)
+    run_epoch(sb)
+    monkeypatch.setattr(LossCache, "measured_epoch", lambda *a: (_ for _ in ()).throw(AssertionError("scanned")))
+    assert [sb.mode(e) for e in range(1, 5)] == ["stale", "fresh", "stale", "fresh"]
+    assert len(sb) == 4

@@ -11,7 +11,8 @@ reaches the target (quantised to whole epochs: accuracy is measured after each e
 ``None`` ("not reached") if it never does. Targets come from plain training's mean final
 accuracy ``A`` (error ``100 - A``): "lossless" is ``A - 0.1`` points, and ``err x k`` is an
 error of ``k * (100 - A)``. Each time is reported as a ratio to plain training's own time to
-the same target on its mean curve, measured in the same run.
+the same target on its mean curve, measured in the same run. :data:`HEADLINE` names the two
+targets the recipes aim at; :func:`headline_table` shows only those.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "HEADLINE",
     "TARGETS",
-    "mean_curve",
+    "headline_table",
     "markdown_table",
+    "mean_curve",
     "plot",
     "summarize",
     "targets_from",
@@ -38,6 +41,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "err x1.2": ("error", 1.2),
     "err x1.4": ("error", 1.4),
 }
+
+
+#: The targets of the recipes: "lossless" for ``recipe:lossless``, "err x1.4" for ``recipe:fast``.
+HEADLINE: tuple[str, ...] = ("lossless", "err x1.4")
 
 
 def targets_from(plain_final: float) -> dict[str, float]:
@@ -120,6 +127,28 @@ def markdown_table(summary: dict[str, Any], epochs: dict[str, int] | None = None
             f"{m['final_mean']:.2f} ± {m['final_std']:.2f}",
             f"{m['train_seconds']:.1f} ({m['time_ratio']:.2f}x)" if m["time_ratio"] is not None else f"{m['train_seconds']:.1f}",
         ] + [_cell(m["ratio"][n]) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline_table(
+    summary: dict[str, Any], summary_wall: dict[str, Any] | None = None, epochs: dict[str, int] | None = None
+) -> str:
+    """The first look's table: one row per method with its final accuracy, training time and
+    its time to each :data:`HEADLINE` target as a ratio to plain's, on ``summary``'s clock
+    (the CPU time), with ``summary_wall``'s (the wall-clock) in brackets if given."""
+    head = ["method", "epochs", "final acc. %", "train time s (× plain)"]
+    head += [f"to {n} ({summary['targets'][n]:.2f} %), × plain" for n in HEADLINE]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in summary["methods"].items():
+        acc = f"{m['final_mean']:.2f}" + (f" ± {m['final_std']:.2f}" if m["final_std"] else "")
+        spent = f"{m['train_seconds']:.1f}" + (f" ({m['time_ratio']:.2f}x)" if m["time_ratio"] is not None else "")
+        cells = [name, str(epochs[name]) if epochs and name in epochs else "", acc, spent]
+        for target in HEADLINE:
+            cell = _cell(m["ratio"][target])
+            if summary_wall is not None and m["ratio"][target] is not None:
+                cell += f" (wall {_cell(summary_wall['methods'][name]['ratio'][target])})"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
