@@ -317,8 +317,8 @@ class EpochRun:
     def _select(self, batch: Any, n: int, ids: Tensor | None, index: int) -> Iterator[Any]:
         sb = self._sb
         batch = to_device(batch, sb.device)
-        losses, known = sb.cache.lookup(ids) if self.mode == STALE else (None, None)
-        if losses is None or not bool(known.all()):  # a stale batch with a never-measured example is scored
+        losses, known = sb.cache.lookup(ids) if self.mode == STALE and ids is not None else (None, None)
+        if losses is None or known is None or not bool(known.all()):  # a stale batch with a never-measured example is scored
             losses = self._score(batch, ids, n)
         selection = sb.policy.select(losses, self.generator)
         self.stats.selected += selection.rows.numel()

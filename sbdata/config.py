@@ -112,7 +112,7 @@ class LoaderConfig:
                 "(never interrupt) or >= 2"
             )
         stale = self.stale
-        if not (stale is None or stale == "once" or (_is_int(stale) and stale >= 1)):
+        if not (stale is None or stale == "once" or (_is_int(stale) and stale >= 1)):  # type: ignore[operator]
             raise ValueError(
                 f"stale must be None or an int >= 1 (rescore every n epochs), or 'once' (score once, "
                 f"then keep losses current with record()); got stale={stale!r}"

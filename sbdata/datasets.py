@@ -93,7 +93,7 @@ def _save_npz(path: Path, data: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **data)
+        np.savez(f, **data)  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 

@@ -463,9 +463,9 @@ class SelectiveBatchLoader:
         """
         live = self._live()
         position = live.state_dict() if live is not None else self._resume
-        carried = self._carried
+        carried: Any = self._carried
         if isinstance(carried, Repacker):
-            pending = carried.pending()
+            pending: dict[str, Any] = carried.pending() or {}
             carried = {k: pending[k].cpu() for k in ("origin", "ids", "weights") if k in pending}
         return {
             "version": STATE_VERSION,

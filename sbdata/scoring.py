@@ -54,7 +54,7 @@ def per_example_loss(loss_fn: LossFn | None) -> LossFn:
         import copy
 
         unreduced = copy.copy(loss_fn)
-        unreduced.reduction = "none"
+        object.__setattr__(unreduced, "reduction", "none")
         return unreduced
     try:
         takes_reduction = "reduction" in inspect.signature(loss_fn).parameters

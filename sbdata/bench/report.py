@@ -169,7 +169,7 @@ def plot(studies: dict[str, dict[str, Any]], path: str) -> None:
     for ax, (dataset, study) in zip(axes[0], studies.items()):
         targets = study["summary"]["targets"]
         lowest = targets["err x1.4"] - 2.0 * (targets["lossless"] - targets["err x1.4"] + 0.1)
-        colors = plt.get_cmap("tab20").colors
+        colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
         for i, (name, m) in enumerate(study["methods"].items()):
             secs, acc = mean_curve(m["seconds"], m["accuracy"])
             style: dict[str, Any] = {"color": colors[(2 * i) % 20 + (2 * i) // 20], "linewidth": 1.2}

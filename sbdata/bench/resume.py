@@ -48,7 +48,7 @@ def _train_step(sb: Any, batch: Any, ids_of: Callable[[Any], torch.Tensor], step
 
 
 def uninterrupted_run(make: Make, epochs: int, ids_of: Callable[[Any], torch.Tensor]) -> list[list[int]]:
-    sb, out = make(), []
+    sb, out = make(), []  # type: ignore[var-annotated]
     for _ in range(epochs):
         for batch in sb:
             out.append(_train_step(sb, batch, ids_of, len(out)))
@@ -61,7 +61,8 @@ def chained_run(
     """The same run, checkpointed and resumed in a new loader after each step in ``cuts``
     (0: before the first batch)."""
     cuts = sorted(set(cuts))
-    sb, out = make(), []
+    out: list[list[int]] = []
+    sb = make()
 
     def resume(sb: Any) -> Any:
         state = roundtrip(sb.state_dict())
@@ -148,7 +149,7 @@ def maker(kind: str, epochs: int, n: int, **config: Any) -> Make:
 
     if config.get("start") or config.get("end", 1.0) < 1.0:
         config["epochs"] = epochs
-    extra = {"index_key": 2} if kind == "list" else {}
+    extra: dict[str, Any] = {"index_key": 2} if kind == "list" else {}
 
     def make() -> Any:
         return SelectiveBatchLoader(make_source(kind, n), Echo(), keep=0.5, loss_fn=_id_loss, batch_size=6, **config, **extra)

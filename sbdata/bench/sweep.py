@@ -66,7 +66,7 @@ def run_sweep(seeds: list[int], quick: bool, workers: int, data_dir: str | None 
     """Run plain training and every variant for every seed; return curves and the summary."""
     hyp = {**HYP["mnist1d"], **(QUICK["mnist1d"] if quick else {})}
     plain_epochs = hyp["epochs"]
-    plans = {"plain": (None, plain_epochs)}
+    plans: dict[str, tuple[dict[str, Any] | None, int]] = {"plain": (None, plain_epochs)}
     plans.update({name: (kw, max(1, round(b * plain_epochs))) for name, (kw, b) in VARIANTS.items()})
     dataset_once("mnist1d", hyp, data_dir)  # once, before the workers fork
     tasks = [

@@ -76,6 +76,9 @@ def make_model(kind: str, width: int, num_classes: int = 10) -> nn.Module:
     """``"cnn1d"``: a 1-D CNN for MNIST-1D signals (N, 1, 40); ``"cnn2d"``: a 2-D CNN for 8x8
     digits (N, 1, 8, 8). Both end in global average pooling, so they accept the smaller inputs
     of a ``scale_factor < 1`` scoring pass."""
+    conv: Any
+    norm: Any
+    pool: Any
     if kind == "cnn1d":
         conv, norm, pool = nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d
     elif kind == "cnn2d":
@@ -166,7 +169,7 @@ def train(
     torch.manual_seed(seed)
     model = make_model(hyp["model"], hyp["width"])
     opt = torch.optim.AdamW(model.parameters(), lr=hyp["lr"], weight_decay=hyp["weight_decay"])
-    loader = make_loader(x_train, y_train, hyp["batch_size"], seed)
+    loader: Any = make_loader(x_train, y_train, hyp["batch_size"], seed)
     sb = None
     if method is not None:
         sb = SelectiveBatchLoader(loader, model, **{**method, "epochs": epochs, "seed": seed})

@@ -56,7 +56,7 @@ def make_source(loader: Any) -> Source:
 
         return FFCVSource(loader)
     if rebuildable(loader):
-        return DataLoaderSource(loader)
+        return DataLoaderSource(loader)  # type: ignore[arg-type]
     if is_stateful(loader):
         return StatefulSource(loader)
     return IterableSource(loader)

@@ -51,7 +51,7 @@ def dataloader_batch_sizes(loader: Any) -> list[int] | None:
     """Batch sizes of a DataLoader epoch when its batch sampler is torch's own ``BatchSampler``."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
-    inner = loader.batch_sampler
+    inner: Any = loader.batch_sampler
     try:
         if type(inner) is BatchSampler:
             return default_batch_sizes(len(inner.sampler), inner.batch_size, inner.drop_last)  # type: ignore[arg-type]
