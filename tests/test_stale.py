@@ -288,3 +288,27 @@ def test_recency_is_kept_as_counts_not_found_by_a_scan(monkeypatch):
     monkeypatch.setattr(LossCache, "measured_epoch", lambda *a: (_ for _ in ()).throw(AssertionError("scanned")))
     assert [sb.mode(e) for e in range(1, 5)] == ["stale", "fresh", "stale", "fresh"]
     assert len(sb) == N // 2 // 8  # len() needs no scan either
+
+
+def test_an_abandoned_fresh_epoch_leaves_no_made_up_losses_in_the_policy_history():
+    sb, _ = make(DataLoader(IndexedPairs(N), batch_size=8, shuffle=True), stale=2, policy="threshold")
+    for _ in sb:  # epoch 0 scores one batch, then the loop breaks
+        break
+    run_epoch(sb)  # epoch 1 is not due, but most examples were never measured: it rescores
+    assert [s.mode for s in sb.stats.history] == ["fresh", "fresh"]
+    history = sb.policy.state_dict()["history"]
+    real = set(id_loss(torch.arange(N)).tolist())
+    assert history.numel() > 0 and set(history.tolist()) <= real, "only measured losses enter the history"
+
+
+def test_record_makes_rescoring_unnecessary_for_a_subset_sampler():
+    from torch.utils.data import SubsetRandomSampler
+
+    subset = list(range(0, N, 2))  # the sampler only ever draws half of the dataset
+    loader = DataLoader(IndexedPairs(N), batch_size=8, sampler=SubsetRandomSampler(subset, generator=torch.Generator().manual_seed(0)))
+    sb, scorer = make(loader, stale="once", epochs=4, start=0.5)
+    for _ in range(4):
+        for _, _, idx in sb:
+            sb.record(id_loss(idx).float())  # the plain warm-up epochs measure the whole subset
+    assert [s.mode for s in sb.stats.history] == ["plain", "plain", "stale", "stale"], "the first selective epoch needs no scoring"
+    assert sum(s.scored for s in sb.stats.history) == 0 and scorer.calls == 0
