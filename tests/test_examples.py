@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,75 @@ def test_load_digits_gives_8x8_images_in_unit_range_with_a_seeded_split():
     other = load_digits(test_fraction=0.25, seed=1)
     assert torch.equal(same[3], y_test)
     assert not torch.equal(other[2], x_test)
+
+
+# ---------------------------------------------------------------- the Lightning example
+
+LIGHTNING_SCRIPT = ROOT / "examples" / "lightning_mnist1d.py"
+LIGHTNING_TIMEOUT = 240  # seconds per run; about 15 s each on an idle 2-core machine (importing Lightning is most of it)
+
+
+def run_lightning_example(*args: str, cwd: Path) -> str:
+    """``python examples/lightning_mnist1d.py --smoke ...`` in a subprocess (on the CPU); returns stdout."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        CUDA_VISIBLE_DEVICES="",  # the same arithmetic in every run, whatever the machine
+    )
+    cmd = [sys.executable, str(LIGHTNING_SCRIPT), "--smoke", "--data-dir", str(cwd / "data"), *args]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LIGHTNING_TIMEOUT)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def lightning_report(out: str) -> dict[str, object]:
+    """The epochs trained, the final step count and the final test metrics of a run's stdout."""
+    steps = re.search(r"trained to epoch (\d+) of (\d+), step (\d+) of (\d+)", out)
+    final = re.search(r"test accuracy +([\d.]+) %  test loss ([\d.]+)  train time +([\d.]+) s", out)
+    assert steps and final, out
+    epochs = [line.split() for line in out.splitlines() if line.startswith("epoch ")]  # epoch E MODE: B batches
+    return {
+        "epochs": [int(e[1]) for e in epochs], "modes": [e[2].rstrip(":") for e in epochs],
+        "batches": [int(e[3]) for e in epochs],
+        "epoch": int(steps[1]), "of_epochs": int(steps[2]), "step": int(steps[3]), "total_steps": int(steps[4]),
+        "test_loss": final[2],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lightning_uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    pytest.importorskip("lightning")
+    pytest.importorskip("mnist1d")
+    tmp = tmp_path_factory.mktemp("lightning_full")
+    report = lightning_report(run_lightning_example("--out-dir", str(tmp / "run"), cwd=tmp))
+    assert sorted(p.name for p in tmp.iterdir()) == ["data", "run"], "wrote outside --data-dir and --out-dir"
+    return report
+
+
+@pytest.mark.timeout(3 * LIGHTNING_TIMEOUT + 60)  # the shared uninterrupted run may be set up here
+def test_lightning_example_smoke_run_trains_every_epoch_in_full_and_reports(lightning_uninterrupted):
+    report = lightning_uninterrupted
+    # --smoke: 2 plain epochs, which the default "lossless" recipe turns into 3
+    assert report["epochs"] == [0, 1, 2] and report["epoch"] == report["of_epochs"] == 3
+    # one plain warm-up epoch, then selective ones, which are shorter: every epoch ran its own
+    # length (SelectiveBackprop), and together they made the steps loader.total_steps() planned
+    assert report["modes"] == ["plain", "stale", "stale"], report
+    assert report["batches"][0] > report["batches"][1] == report["batches"][2] > 0
+    assert report["step"] == report["total_steps"] == sum(report["batches"])
+
+
+@pytest.mark.timeout(3 * LIGHTNING_TIMEOUT + 60)
+def test_lightning_example_resumes_from_its_last_checkpoint_exactly(lightning_uninterrupted, tmp_path):
+    out_dir = tmp_path / "run"
+    first = lightning_report(run_lightning_example("--out-dir", str(out_dir), "--stop-after", "2", cwd=tmp_path))
+    assert first["epochs"] == [0, 1] and first["epoch"] == 2 and first["step"] < first["total_steps"]
+    last = out_dir / "checkpoints" / "last.ckpt"
+    assert last.exists(), "ModelCheckpoint(save_last=True) wrote no last.ckpt"
+
+    out = run_lightning_example("--out-dir", str(out_dir), "--resume", str(last), cwd=tmp_path)
+    resumed = lightning_report(out)
+    assert f"resuming from {last}" in out
+    assert resumed["epochs"] == [2], "the resumed run trains only the epoch left"
+    assert resumed["epoch"] == resumed["of_epochs"] == 3 and resumed["step"] == resumed["total_steps"]
+    # the same batches, weights and LR schedule as the uninterrupted run: the same final test loss
+    assert resumed["test_loss"] == lightning_uninterrupted["test_loss"]
