@@ -26,18 +26,23 @@ from . import report
 from .__main__ import HYP, QUICK, dataset_once, run_one
 
 
-def variant(keep: float, budget: float, interrupt: int = 0, policy: str = "rank", stale: int | str = "once") -> tuple[dict[str, Any], float]:
+def variant(
+    keep: float, budget: float, interrupt: int = 0, policy: str = "rank", stale: int | str = "once", end: float = 1.0
+) -> tuple[dict[str, Any], float]:
     """A recipe-shaped setting: ``(SelectiveBatchLoader kwargs without epochs, budget x plain)``."""
-    return dict(keep=keep, policy=policy, stale=stale, start=0.04, interrupt=interrupt), budget
+    kwargs: dict[str, Any] = dict(keep=keep, policy=policy, stale=stale, start=0.04, interrupt=interrupt)
+    if end < 1.0:
+        kwargs["end"] = end
+    return kwargs, budget
 
 
 #: name -> (kwargs, epoch budget as a multiple of plain training's)
 VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
-    # around "lossless" (InfoBatch-style: every above-mean example, the rest of keep 0.3 of
-    # each batch drawn from the below-mean ones and up-weighted, 1.5x)
-    "infobatch0.3-x1.5 (lossless)": variant(0.3, 1.5, policy="infobatch"),
-    "infobatch0.3-x1.375": variant(0.3, 1.375, policy="infobatch"),
-    "infobatch0.25-x1.5": variant(0.25, 1.5, policy="infobatch"),
+    # around "lossless" (InfoBatch-style: every above-mean example, the rest of half of each
+    # batch drawn from the below-mean ones and up-weighted, all data for the last 1/8, 1.5x)
+    "infobatch0.5-end.875-x1.5 (lossless)": variant(0.5, 1.5, policy="infobatch", end=0.875),
+    "infobatch0.5-end.875-x1.25": variant(0.5, 1.25, policy="infobatch", end=0.875),
+    "infobatch0.4-end.875-x1.5": variant(0.4, 1.5, policy="infobatch", end=0.875),
     "infobatch0.4-x1.5": variant(0.4, 1.5, policy="infobatch"),
     "infobatch0.5-x1.25": variant(0.5, 1.25, policy="infobatch"),
     "infobatch0.3-int8-x1.5": variant(0.3, 1.5, 8, policy="infobatch"),
