@@ -6,4 +6,6 @@ imported, so ``import sbdata`` never needs them:
 * :mod:`sbdata.integrations.lightning` -- :class:`~sbdata.integrations.lightning.SelectiveBackprop`,
   a Lightning ``Callback`` for a ``SelectiveBatchLoader`` returned from ``train_dataloader()``
   (``pip install lightning``).
+* :mod:`sbdata.integrations.transformers` -- :class:`~sbdata.integrations.transformers.SelectiveTrainer`,
+  a Hugging Face ``Trainer`` that trains on the selected examples (``pip install transformers``).
 """

@@ -28,22 +28,22 @@ r"""Hugging Face ``transformers.Trainer`` support: Selective Backprop without re
 
 NOTE -- what this relies on in transformers 5.24.0 (``transformers/trainer.py``):
 
-1. ``_inner_training_loop`` (:1583-1676) calls ``get_train_dataloader()`` once (:1593), sizes the
-   whole run from ``len(train_dataloader)`` in ``set_initial_training_values`` (:1599-1610,
+1. ``_inner_training_loop`` (:1583-1676) calls ``get_train_dataloader()`` once (:1597), sizes the
+   whole run from ``len(train_dataloader)`` in ``set_initial_training_values`` (:1602-1610,
    :2495-2563: ``num_update_steps_per_epoch = ceil(len / gradient_accumulation_steps)``,
    ``max_steps = ceil(num_train_epochs * num_update_steps_per_epoch)``), builds the LR schedule
    over ``max_steps`` (``create_scheduler``, :1778) and hands the same ``steps_in_epoch`` and
-   ``num_update_steps_per_epoch`` to every ``_run_epoch`` (:1659-1672). So a loader whose length
+   ``num_update_steps_per_epoch`` to every ``_run_epoch`` (:1658-1674). So a loader whose length
    changes between epochs would have long epochs cut and short ones end without their last
-   optimizer step (``do_sync_step`` waits for ``step + 1 == steps_in_epoch``, :1884), with a
+   optimizer step (``do_sync_step`` waits for ``step + 1 == steps_in_epoch``, :1897), with a
    schedule that ends at the wrong step. :meth:`~SelectiveTrainer.set_initial_training_values`
    returns the loader's epochs and the exact ``max_steps``; :meth:`~SelectiveTrainer._run_epoch`
    passes each epoch's own ``len(loader)`` (and ``ceil(len / accumulation)``).
 2. ``_run_epoch`` (:1827-1999) calls ``train_dataloader.set_epoch(epoch)`` then
-   ``iter(train_dataloader)`` once per epoch (:1857-1865) and takes exactly ``num_batches``
+   ``iter(train_dataloader)`` once per epoch (:1859-1867) and takes exactly ``num_batches``
    batches per optimizer step through ``get_batch_samples`` (:1877-1881, :2289-2304): all the
    micro-batches of a step are fetched before the first one is trained on, then each runs
-   ``training_step`` -> ``compute_loss`` in order (:1897-1912). ``record()`` pairs each loss with
+   ``training_step`` -> ``compute_loss`` in order (:1895-1917). ``record()`` pairs each loss with
    the oldest unrecorded batch, so that read-ahead is harmless. No ``next()`` follows an epoch's
    last batch; sbdata ends the epoch at its last batch anyway.
 3. Resume: ``_init_training_state`` (:1678-1713) restores ``TrainerState`` and computes
@@ -57,12 +57,12 @@ NOTE -- what this relies on in transformers 5.24.0 (``transformers/trainer.py``)
    own resumes, and ``state.epoch`` corrected after each step (``_EpochProgress``).
 4. Checkpoints: ``_save_checkpoint`` (:3363-3430) writes ``<output_dir>/checkpoint-<global_step>``
    (``_get_output_dir``, :3344) after an optimizer step (``_maybe_log_save_evaluate``,
-   :2238-2287). All micro-batches of that step were fetched and recorded, so the loader's
+   :2238-2286). All micro-batches of that step were fetched and recorded, so the loader's
    state at that moment is exactly "as trained".
 5. ``accelerator.prepare`` (:1051) turns the DataLoader into an accelerate ``DataLoaderShard``,
    which sbdata could only stream (no ids, no exact resume). Built without it, batches reach
    the device through the loader (``device=args.device``) and ``_prepare_inputs`` (:2387);
-   gradient sync is set by ``_run_epoch`` itself (:1884-1886), not from the dataloader. Hence a
+   gradient sync is set by ``_run_epoch`` itself (:1897-1899), not from the dataloader. Hence a
    single process only (no DDP, FSDP, DeepSpeed).
 6. ``training_step`` (:2051-2128) divides the loss by ``current_gradient_accumulation_steps``
    (the micro-batches of this optimizer step) unless ``loss_is_scaled_for_ga`` says otherwise
@@ -87,6 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset
 try:
     import transformers
     from transformers import Trainer, TrainerCallback
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, seed_worker
     from transformers.utils import is_datasets_available
 except ImportError as error:  # pragma: no cover - exercised only without transformers
@@ -105,11 +106,15 @@ __all__ = ["LOADER_STATE_NAME", "SelectiveTrainer", "sequence_losses", "token_lo
 LOADER_STATE_NAME = "sbdata_loader.pt"
 
 _HOOKS = {  # the Trainer internals SelectiveTrainer overrides, and the parameters it relies on
-    "_run_epoch": ("model", "epoch", "train_dataloader", "steps_in_epoch", "num_update_steps_per_epoch",
-                   "resume_from_checkpoint", "steps_trained_in_current_epoch"),
+    "_run_epoch": ("model", "epoch", "train_dataloader", "steps_in_epoch", "num_update_steps_per_epoch", "trial",
+                   "ignore_keys_for_eval", "start_time", "resume_from_checkpoint", "epochs_trained",
+                   "steps_trained_in_current_epoch"),
     "_init_training_state": ("max_steps", "num_update_steps_per_epoch", "num_train_epochs", "resume_from_checkpoint"),
     "_save_checkpoint": ("model", "trial"),
     "_load_rng_state": ("checkpoint",),
+    "_get_output_dir": ("trial",),
+    "_get_train_sampler": ("train_dataset",),
+    "_get_collator_with_removed_columns": ("data_collator", "description"),
     "set_initial_training_values": ("args", "dataloader"),
 }  # fmt: skip
 for _name, _params in _HOOKS.items():
@@ -267,6 +272,7 @@ class SelectiveTrainer(Trainer):
         options.setdefault("seed", self.args.seed)
         options.setdefault("device", self.args.device)
         options.setdefault("score_fn", self._score)
+        assert self.model is not None
         self.selective_loader = SelectiveBatchLoader(self.selective_source_dataloader(), self.model, **options)
         self._resume_at = self._progress = None
         return self.selective_loader
@@ -277,7 +283,8 @@ class SelectiveTrainer(Trainer):
         size and worker settings. A random sampler without a generator gets one seeded with
         ``args.data_seed`` (or ``args.seed``), so the data order does not depend on global RNG
         state. Override to train from another map-style ``DataLoader``."""
-        dataset, collator = self.train_dataset, self.data_collator
+        dataset: Any = self.train_dataset
+        collator = self.data_collator
         if dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         if isinstance(dataset, IterableDataset) or not has_length(dataset):
@@ -322,10 +329,12 @@ class SelectiveTrainer(Trainer):
 
         By the model's ``loss_type``: classification heads use :func:`sequence_losses` with the
         config's ``problem_type`` (inferred as the models do when unset); token classification and
-        masked LM use :func:`token_losses`; causal LM (and decoder-only ``ForConditionalGeneration``)
+        masked LM use :func:`token_losses`; causal LMs (``loss_type`` ``"ForCausalLM"``, decoder-only
+        ``ForConditionalGeneration``, or a class registered for causal LM such as ``GPT2LMHeadModel``)
         use :func:`token_losses` with ``shift=True``. ``args.label_smoothing_factor`` applies to
         the cross-entropies.
         """
+        assert self.model is not None
         model = _unwrap(self.model)
         loss_type = getattr(model, "loss_type", None)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -341,8 +350,9 @@ class SelectiveTrainer(Trainer):
                     else "multi_label_classification"
                 )  # fmt: skip
             return sequence_losses(logits, labels, problem, label_smoothing=smoothing if "single" in problem else 0.0)
-        if loss_type in _TOKENS or loss_type in _SHIFTED:
-            shift = loss_type in _SHIFTED and not getattr(config, "is_encoder_decoder", False)
+        causal = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # GPT2LMHeadModel: no loss_type
+        if loss_type in _TOKENS or loss_type in _SHIFTED or causal:
+            shift = (loss_type in _SHIFTED or causal) and not getattr(config, "is_encoder_decoder", False)
             return token_losses(logits, labels, shift=shift, label_smoothing=smoothing)
         raise NotImplementedError(
             f"SelectiveTrainer has no per-example loss for {type(model).__name__} (loss_type={loss_type!r}); "
@@ -414,7 +424,7 @@ class SelectiveTrainer(Trainer):
             )
         examples = sum(lengths) * dataloader.batch_size
         return (
-            len(lengths), updates[0], self.num_examples(dataloader), examples,
+            len(lengths), updates[0], len(dataloader.dataset), examples,
             self.get_total_train_batch_size(args), lengths[0], max_steps,
         )  # fmt: skip
 
@@ -451,14 +461,19 @@ class SelectiveTrainer(Trainer):
         self._resume_at = (epoch, trained)
         return epoch, 0
 
-    def _run_epoch(self, model: nn.Module, epoch: int, train_dataloader: Any, steps_in_epoch: int,
-                   num_update_steps_per_epoch: int, **kwargs: Any) -> Any:  # fmt: skip
+    def _run_epoch(
+        self, model: Any, epoch: Any, train_dataloader: Any, steps_in_epoch: Any, num_update_steps_per_epoch: Any,
+        trial: Any, ignore_keys_for_eval: Any, start_time: Any, resume_from_checkpoint: Any, epochs_trained: Any,
+        steps_trained_in_current_epoch: Any,
+    ) -> Any:  # fmt: skip
         """Run the epoch with its own length; a resumed epoch runs its remaining batches (NOTE 1-3)."""
+        rest = dict(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, start_time=start_time, epochs_trained=epochs_trained)
         sb = self.selective_loader
         if sb is None or train_dataloader is not sb:
             return super()._run_epoch(
                 model=model, epoch=epoch, train_dataloader=train_dataloader, steps_in_epoch=steps_in_epoch,
-                num_update_steps_per_epoch=num_update_steps_per_epoch, **kwargs,
+                num_update_steps_per_epoch=num_update_steps_per_epoch, resume_from_checkpoint=resume_from_checkpoint,
+                steps_trained_in_current_epoch=steps_trained_in_current_epoch, **rest,
             )  # fmt: skip
         sb.set_epoch(epoch)
         length = len(sb)
@@ -466,18 +481,26 @@ class SelectiveTrainer(Trainer):
         if self._resume_at is not None and self._resume_at[0] == epoch:
             trained = self._resume_at[1]
         self._resume_at = None
-        kwargs["steps_trained_in_current_epoch"] = 0  # sbdata resumes its own position
         if trained:  # Trainer would skip batches here; restore RNG as it does, then run the rest
-            self._load_rng_state(kwargs["resume_from_checkpoint"])
-            kwargs["resume_from_checkpoint"] = None
+            self._load_rng_state(resume_from_checkpoint)
+            resume_from_checkpoint = None
         remaining = length - trained
         self._progress = (epoch, trained, length)
         try:
             return super()._run_epoch(
                 model=model, epoch=epoch, train_dataloader=sb, steps_in_epoch=remaining,
                 num_update_steps_per_epoch=max(1, math.ceil(remaining / self.args.gradient_accumulation_steps)),
-                **kwargs,
+                resume_from_checkpoint=resume_from_checkpoint, steps_trained_in_current_epoch=0, **rest,
             )  # fmt: skip
+        except ValueError as error:
+            if "re-packed" not in str(error):
+                raise
+            raise ValueError(
+                "SelectiveTrainer re-packs the kept rows of several batches into one, so every batch needs the "
+                "same shapes, but the collator pads each batch to its own longest sequence. Pad to one length: "
+                'data_collator=DataCollatorWithPadding(tokenizer, padding="max_length", max_length=...), or '
+                'tokenize with padding="max_length"'
+            ) from error
         finally:
             self._progress = None
 
