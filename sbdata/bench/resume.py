@@ -1,6 +1,6 @@
 """Resume check: run a loader uninterrupted and again with chained checkpoints, compare.
 
-    python -m sbdata.bench.resume --out docs/bench/resume     # the grid of docs/resume.md (~2 min)
+    python -m sbdata.bench.resume --out docs/bench/resume     # the grid of docs/resume.md (~45 min, busy 2 cores)
     python -m sbdata.bench.resume --quick                     # seconds
 
 Used by the test suite (a small grid, tests/test_resume_grid.py) and by this command (a larger
