@@ -24,7 +24,7 @@ __all__ = [
     "unflatten",
 ]
 
-Key = Union[int, str, Callable[[Any], Any]]
+Key = Union[int, str, Callable[[Any], Any]]  # noqa: UP007 (a runtime alias, kept readable on 3.10)
 _PLAIN = (str, bytes, int, float, bool, type(None))
 
 

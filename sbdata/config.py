@@ -34,7 +34,7 @@ __all__ = [
 ScoreFn = Callable[[nn.Module, Any], Tensor]
 #: ``None``: score every selective epoch; ``n``: rescore every n-th; ``"once"``: score once,
 #: then rely on ``record()`` to keep the cached losses current.
-Stale = Union[None, int, str]
+Stale = Union[None, int, str]  # noqa: UP007 (a runtime alias, kept readable on 3.10)
 LAST_BATCH_MODES = ("yield", "drop", "carry")
 SCORING_MODES = ("eval", "train")
 

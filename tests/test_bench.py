@@ -150,6 +150,143 @@ def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path
             assert f"| {name} |" in markdown
 
 
+# ---------------------------------------------------------------- modes, expected duration, --help
+
+
+def _selection(argv):
+    from sbdata.bench.__main__ import build_parser, selection
+
+    return selection(build_parser().parse_args(argv))
+
+
+def test_the_default_mode_is_the_first_look_one_seed_five_methods_on_mnist1d():
+    from sbdata.bench.__main__ import FIRST_LOOK, planned_runs
+
+    chosen = _selection([])
+    assert chosen["mode"] == "default" and not chosen["quick"]
+    assert chosen["datasets"] == ["mnist1d"] and chosen["seeds"] == [0]
+    assert list(chosen["methods"]) == ["plain", "recipe:lossless", "random@lossless", "recipe:fast", "random@fast"]
+    assert chosen["methods"] == FIRST_LOOK
+    runs = planned_runs(chosen["datasets"], chosen["seeds"], chosen["quick"], chosen["methods"])
+    names = [name for _, name, _, _, _ in runs]
+    assert sorted(names) == sorted(FIRST_LOOK)
+    assert names.index("random@lossless") == names.index("recipe:lossless") + 1  # the twin right after
+    assert names.index("random@fast") == names.index("recipe:fast") + 1
+    assert {hyp["num_samples"] for *_, hyp, _ in runs} == {60000}  # the full study's size, not the smoke one
+    twin = dict((name, plan) for _, name, plan, _, _ in runs)["random@lossless"]
+    assert twin["match"] == "recipe:lossless"  # still cost-matched to what the recipe keeps
+
+
+def test_full_mode_runs_every_method_on_three_seeds_and_both_datasets_and_flags_override():
+    from sbdata.bench.__main__ import HYP, methods, planned_runs
+
+    chosen = _selection(["--full"])
+    assert chosen["mode"] == "full" and chosen["methods"] is None and not chosen["quick"]
+    assert chosen["seeds"] == [0, 1, 2] and chosen["datasets"] == ["mnist1d", "digits"]
+    runs = planned_runs(chosen["datasets"], chosen["seeds"], chosen["quick"], chosen["methods"])
+    per_seed = sum(len(methods(HYP[d]["epochs"], HYP[d]["scale_factor"])) for d in HYP)
+    assert len(runs) == 3 * per_seed
+    assert {(d, n) for d, n, *_ in runs} == {(d, n) for d in HYP for n in methods(HYP[d]["epochs"], HYP[d]["scale_factor"])}
+    assert _selection(["--quick"])["quick"] and _selection(["--quick"])["seeds"] == [0, 1]
+    custom = _selection(["--full", "--seeds", "4", "5", "--datasets", "digits"])
+    assert custom["seeds"] == [4, 5] and custom["datasets"] == ["digits"] and custom["methods"] is None
+    assert _selection(["--seeds", "3"])["seeds"] == [3]
+    with pytest.raises(SystemExit):
+        _selection(["--full", "--quick"])
+
+
+def test_a_method_list_needs_plain_and_each_twins_recipe():
+    from sbdata.bench.__main__ import hyps_for, plans_for
+
+    hyps = hyps_for(["mnist1d"], quick=True)
+    assert list(plans_for(hyps, ["plain", "recipe:fast"])["mnist1d"]) == ["plain", "recipe:fast"]
+    with pytest.raises(ValueError, match="plain"):
+        plans_for(hyps, ["recipe:fast"])
+    with pytest.raises(ValueError, match="plain"):
+        plans_for(hyps, ["plain", "no-such-method"])
+    with pytest.raises(ValueError, match="recipe:lossless"):
+        plans_for(hyps, ["plain", "random@lossless"])  # matched to what the recipe kept
+
+
+def test_expected_duration_is_positive_and_grows_with_seeds_and_epochs(monkeypatch, tmp_path):
+    from sbdata.bench import __main__ as bench
+
+    def estimate(seeds, datasets=("mnist1d",), quick=False, only=bench.FIRST_LOOK):
+        return bench.estimate_seconds(bench.planned_runs(datasets, seeds, quick, only), data_dir=str(tmp_path))
+
+    one, two = estimate([0]), estimate([0, 1])
+    assert 0 < one < two
+    assert 30 < one < 300  # the first look: a few minutes at most
+    full = estimate([0, 1, 2], datasets=("mnist1d", "digits"), only=None)
+    assert 9.2 * 60 / 2 < full < 9.2 * 60 * 2  # docs/bench/results.md: the full study took 9.2 min
+    assert 0 < estimate([0, 1], datasets=("mnist1d", "digits"), quick=True, only=None) < one
+    generate = bench.CALIBRATION["mnist1d"]["generate_s"]  # tmp_path holds no cached MNIST-1D yet
+    runs = one - bench.STARTUP_S - generate
+    assert runs > 0 and bench.estimate_seconds([], data_dir=str(tmp_path)) == bench.STARTUP_S
+    monkeypatch.setitem(bench.HYP, "mnist1d", {**bench.HYP["mnist1d"], "epochs": 16})  # twice plain's epochs
+    assert estimate([0]) > one + 0.8 * runs
+    (tmp_path / "mnist1d-n60000-seed42.npz").write_bytes(b"")  # once cached, it is not generated again
+    monkeypatch.setitem(bench.HYP, "mnist1d", {**bench.HYP["mnist1d"], "epochs": 8})
+    assert estimate([0]) == pytest.approx(one - generate)
+
+
+def test_relative_epoch_cost_follows_the_kept_share_and_the_scoring_passes():
+    from sbdata.bench.__main__ import methods, relative_epoch_cost
+
+    plans = methods(8, 1.0)
+    cost = {name: relative_epoch_cost(plan) for name, plan in plans.items()}
+    assert cost["plain"] == cost["plain-half"] == 1.0
+    assert 0 < cost["recipe:fast"] < cost["recipe:lossless"] < cost["recipe:balanced"] < 1.0
+    assert cost["sb-rank"] > cost["random"]  # a scoring pass every epoch against one
+    assert relative_epoch_cost(plans["random@lossless"], kept=0.1) < cost["random@lossless"]
+    assert relative_epoch_cost(plans["recipe:fast"], eval_share=0.5) > cost["recipe:fast"]  # evaluation costs alike
+
+
+def test_help_explains_each_mode_with_its_expected_duration(capsys):
+    from sbdata.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "first look (no flag)" in text and "--full: the multi-seed study" in text and "--quick: a smoke test" in text
+    assert text.count(" min.") >= 2 and "idle 2-core CPU" in text
+    assert "--seeds and --datasets override" in text
+
+
+def test_headline_table_shows_the_two_recipe_targets_on_both_clocks():
+    plain = {"seconds": [[10, 20, 30, 40]], "accuracy": [[97.0, 98.6, 98.8, 99.0]]}
+    fast = {"seconds": [[5, 10, 15, 20]], "accuracy": [[98.6, 98.7, 98.9, 98.9]]}
+    cpu = report.summarize({"plain": plain, "fast": fast})
+    wall = report.summarize({"plain": plain, "fast": {**fast, "seconds": [[6, 12, 18, 24]]}})
+    table = report.headline_table(cpu, wall, {"plain": 4, "fast": 4})
+    assert "to lossless (98.90 %)" in table and "to err x1.4 (98.60 %)" in table
+    assert "| fast | 4 | 98.90 | 20.0 (0.50x) | 0.38x (wall 0.45x) | 0.25x (wall 0.30x) |" in table
+    assert "| plain | 4 | 99.00 | 40.0 (1.00x) | 1.00x (wall 1.00x) |" in table
+
+
+def test_the_default_mode_at_smoke_size_prints_its_estimate_table_and_wall_clock(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("mnist1d")
+    pytest.importorskip("matplotlib")
+    from sbdata.bench import __main__ as bench
+
+    monkeypatch.setitem(bench.MODES, "default", {**bench.MODES["default"], "quick": True})  # the first look, tiny
+    out = tmp_path / "bench"
+    studies = bench.main(["--out", str(out), "--data-dir", str(tmp_path / "data"), "--no-progress"])
+    assert list(studies) == ["mnist1d"] and list(studies["mnist1d"]["methods"]) == list(bench.FIRST_LOOK)
+    study = studies["mnist1d"]
+    assert all(len(m["accuracy"]) == 1 for m in study["methods"].values())  # one seed
+    recipe = study["methods"]["recipe:lossless"]
+    assert study["methods"]["random@lossless"]["matched_keep"] == pytest.approx([recipe["selected"][0][-1] / recipe["candidates"][0][-1]])
+    printed = capsys.readouterr().out
+    assert printed.startswith("sbdata.bench, default mode: 5 runs") and "expected ~" in printed
+    assert "| random@fast |" in printed and "to err x1.4" in printed and "total wall-clock" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["mode"] == "default" and results["meta"]["expected_minutes"] > 0
+    assert "| recipe:fast |" in (out / "results.md").read_text()
+    assert (out / "time_to_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
     pytest.importorskip("mnist1d")
     from sbdata.bench.sweep import VARIANTS, main
@@ -160,8 +297,8 @@ def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
     fast = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("fast", 2).items() if k != "epochs"}}
     assert sweep["kwargs"]["keep0.12-x1.5 (fast)"] == fast  # the variant is the recipe itself
     lossless = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("lossless", 2).items() if k != "epochs"}}
-    assert sweep["kwargs"]["infobatch0.3-x1.5 (lossless)"] == lossless
-    assert sweep["epochs"]["infobatch0.3-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
+    assert sweep["kwargs"]["infobatch0.5-end.875-x1.5 (lossless)"] == lossless
+    assert sweep["epochs"]["infobatch0.5-end.875-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["summary"]["methods"]["plain"]["ratio"]["lossless"] == 1.0
     assert "| keep0.1-x3 | 6 |" in (out / "sweep.md").read_text()

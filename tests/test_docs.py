@@ -1,28 +1,52 @@
-"""The Python blocks of README.md and docs/: every one compiles, and the runnable ones run.
+"""Every Python block of README.md and docs/ runs, so none of them can go stale.
 
-A fenced block opened with ```python is a Python block. It is *runnable* when it is on
-docs/integrations.md (every block there is a complete script) or when the line before its
-fence (blank lines aside) is the HTML comment ``<!-- test: run -->``. A runnable block runs
-in a fresh namespace, as ``__main__``, in a temporary working directory; it must finish
-without error (its own ``assert`` lines check what the page claims). Compiled with the
-block's line numbers, so a traceback points at the Markdown line.
+A fenced block opened with ```python is a Python block, and each one is a complete program:
+synthetic data, a tiny model, a CPU, a few seconds. It runs in a fresh namespace, as
+``__main__``, in a temporary working directory, and must finish without error; its own
+``assert`` lines check what the page claims next to it. It is compiled with the block's line
+numbers, so a traceback points at the Markdown line, and a failure names the block
+``file:line``.
+
+The line before a block's fence (blank lines aside) may say how the block runs:
+
+- ``<!-- test: run -->`` (the default, so it may be left out): in this process, as above;
+- ``<!-- test: torchrun N -->``: the block is a ``torch.distributed`` script, written to a file
+  and launched as it would be by hand, ``python -m torch.distributed.run --nproc_per_node=N``
+  on 127.0.0.1 (CPU processes, gloo), bounded by a timeout.
+
+Any other ``<!-- test: ... -->`` comment is an error. A block that imports ffcv needs it: it is
+skipped without ffcv, except with the ``CI`` environment variable set (as in test_ffcv.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from .distributed_helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-RUN_ALL = {ROOT / "docs" / "integrations.md"}
-RUN_MARK = "<!-- test: run -->"
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
+MARK = re.compile(r"^<!--\s*test:\s*(?P<how>.*?)\s*-->$")
+TORCHRUN = re.compile(r"^torchrun (?P<n>[1-9][0-9]*)$")
+USES_FFCV = re.compile(r"^\s*(?:from|import)\s+ffcv\b", re.MULTILINE)
+LAUNCH_TIMEOUT = 120  # seconds per torchrun launch; a few seconds on an idle 2-core machine
+
+# Namespaces of blocks that built FFCV Loaders live until the interpreter exits: a Loader
+# collected mid-session breaks numba's finalizers (see the note in tests/test_ffcv.py).
+_KEPT: list[dict] = []
 
 
 @dataclass
@@ -30,15 +54,19 @@ class Block:
     path: Path
     line: int  # 1-based line of the first code line
     code: str
-    runnable: bool
+    how: str  # "run" (in this process) or "torchrun N"
 
     @property
     def id(self) -> str:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
+    @property
+    def padded(self) -> str:
+        # blank lines first, so that line numbers in errors are the Markdown file's
+        return "\n" * (self.line - 1) + self.code
+
     def compiled(self):
-        # pad with blank lines so that line numbers in errors are the Markdown file's
-        return compile("\n" * (self.line - 1) + self.code, str(self.path), "exec")
+        return compile(self.padded, str(self.path), "exec")
 
 
 def blocks(path: Path) -> list[Block]:
@@ -57,35 +85,126 @@ def blocks(path: Path) -> list[Block]:
             end += 1
         if opening["info"].lower() in ("python", "py", "python3"):
             before = next((lines[k].strip() for k in range(i - 1, -1, -1) if lines[k].strip()), "")
+            mark = MARK.match(before)
+            how = mark["how"] if mark else "run"
+            if not (how == "run" or TORCHRUN.match(how)):
+                raise ValueError(f"{path.relative_to(ROOT)}:{i + 1}: unknown marker {before!r} (known: test: torchrun N)")
             code = textwrap.dedent("\n".join(lines[i + 1 : end])) + "\n"
-            found.append(Block(path, i + 2, code, path in RUN_ALL or before == RUN_MARK))
+            found.append(Block(path, i + 2, code, how))
         i = end + 1
     return found
 
 
 ALL = [block for path in FILES for block in blocks(path)]
-RUNNABLE = [block for block in ALL if block.runnable]
+IDS = [b.id for b in ALL]
 
 
 def test_the_pages_have_blocks_to_check():
-    assert len(ALL) >= 20, [b.id for b in ALL]
-    on_integrations = [b for b in RUNNABLE if b.path.name == "integrations.md"]
-    assert len(on_integrations) >= 4, "integrations.md shows prefetching, Lightning, Accelerate and LR schedules"
-    assert any(b.path.name == "README.md" for b in RUNNABLE), "README.md has a runnable block"
+    assert len(ALL) >= 20, IDS
+    by_page = {path.name: [b for b in ALL if b.path == path] for path in FILES}
+    assert len(by_page["integrations.md"]) >= 4, "integrations.md shows prefetching, Lightning, Accelerate and LR schedules"
+    assert len(by_page["README.md"]) >= 2 and by_page["ffcv.md"], "the README and the FFCV page have blocks"
+    assert any(b.how.startswith("torchrun") for b in by_page["distributed.md"]), "distributed.md runs under torchrun"
 
 
-@pytest.mark.parametrize("block", ALL, ids=[b.id for b in ALL])
+@pytest.mark.parametrize("block", ALL, ids=IDS)
 def test_every_python_block_compiles(block: Block):
     block.compiled()  # raises SyntaxError pointing at the Markdown line
 
 
 @pytest.mark.filterwarnings("ignore")  # Lightning and Accelerate are chatty; the asserts matter
-@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
-def test_runnable_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("block", ALL, ids=IDS)
+def test_every_python_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    if USES_FFCV.search(block.code):
+        if os.environ.get("CI"):
+            import ffcv  # noqa: F401  (CI must run it: a missing ffcv fails, it is not skipped)
+        else:
+            pytest.importorskip("ffcv", reason=f"{block.id} needs ffcv: pip install 'sbdata[ffcv]' (see README)")
+    if block.how != "run":
+        torchrun(block, int(TORCHRUN.match(block.how)["n"]), tmp_path)
+        return
     monkeypatch.chdir(tmp_path)
-    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    namespace = {"__name__": "__main__", "__file__": str(block.path)}
+    if USES_FFCV.search(block.code):
+        _KEPT.append(namespace)
+    failure = None
+    with isolated_globals():
+        try:
+            exec(block.compiled(), namespace)
+        except Exception as e:  # the traceback from the block's own frame, with its Markdown lines
+            failure = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+    if failure:
+        pytest.fail(f"the block at {block.id} failed:\n{failure}", pytrace=False)
+
+
+class isolated_globals:
+    """The block runs in this process: leave the global state it may change as it was (the
+    RNG, torch's thread count, the root and ``sbdata`` loggers). The root logger starts with no
+    handlers, as in a fresh interpreter, so a block's ``logging.basicConfig`` takes effect.
+    Blocks run on one torch thread: their tensors are tiny, and on a busy machine every op of
+    a second thread waits for a free core (20x slower here)."""
+
+    def __enter__(self):
+        self.rng, self.threads = torch.get_rng_state(), torch.get_num_threads()
+        torch.set_num_threads(1)
+        self.loggers = {
+            logger: (logger.level, logger.handlers[:]) for logger in (logging.getLogger(), logging.getLogger("sbdata"))
+        }
+        logging.getLogger().handlers.clear()
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.rng)
+        torch.set_num_threads(self.threads)
+        for logger, (level, handlers) in self.loggers.items():
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+
+
+def torchrun(block: Block, nproc: int, tmp_path: Path) -> None:
+    """Launch the block with torchrun on ``nproc`` CPU processes; fail with its output if it
+    fails or runs past LAUNCH_TIMEOUT (torchrun and its workers are then killed)."""
+    script = tmp_path / f"{block.path.stem}_line{block.line}.py"
+    script.write_text(block.padded, encoding="utf-8")  # tracebacks name the Markdown line
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+        "--max_restarts=0", "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
+    ]  # fmt: skip
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
-        exec(block.compiled(), {"__name__": "__main__", "__file__": str(block.path)})
-    finally:  # the block ran in this process: leave its global state as it was
-        torch.set_rng_state(rng)
-        torch.set_num_threads(threads)
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        workers = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers on SIGTERM
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            for pid in [*workers, proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            out, _ = proc.communicate()
+        pytest.fail(f"the block at {block.id} timed out after {LAUNCH_TIMEOUT}s under torchrun:\n{out}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(f"the block at {block.id} failed under torchrun (exit {proc.returncode}):\n{out}", pytrace=False)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The process ids below ``pid`` (Linux /proc; empty elsewhere). torchrun starts its
+    workers in new sessions, so killing its process group would not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

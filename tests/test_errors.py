@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from .conftest import consecutive_ids, id_loss, make_batch
 from torch import nn
 
 from sbdata import SelectiveBatchLoader, ThresholdPolicy
+
+from .conftest import consecutive_ids, id_loss, make_batch
 
 
 def _batches(sizes=(4, 4)):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-import pytest
 
 from sbdata import SelectiveBatchLoader
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from sbdata import SelectiveBatchLoader, ThresholdPolicy
+from sbdata.policies import BasePolicy
+
 from .conftest import (
     KINDS,
     check_structure,
@@ -14,13 +22,6 @@ from .conftest import (
     make_batch,
     selected_ids,
 )
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-from sbdata import SelectiveBatchLoader, ThresholdPolicy
-from sbdata.policies import BasePolicy
 
 DTYPES = (torch.float32, torch.float16, torch.float64)
 

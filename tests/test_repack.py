@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .conftest import features, make_batch, names
 
 from sbdata.repack import Repacker, count_output_batches
+
+from .conftest import features, make_batch, names
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .conftest import consecutive_ids, id_loss, make_batch, topk_positions
 from torch import nn
 
 from sbdata import SelectiveBatchLoader
 from sbdata.schedule import is_interrupt_batch, selection_active, training_progress
+
+from .conftest import consecutive_ids, id_loss, make_batch, topk_positions
 
 
 def _tuple_batches(sizes):

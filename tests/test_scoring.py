@@ -7,6 +7,10 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from sbdata import SelectiveBatchLoader
+
 from .conftest import (
     Example,
     LogitTable,
@@ -17,9 +21,6 @@ from .conftest import (
     names,
     topk_positions,
 )
-from torch import nn
-
-from sbdata import SelectiveBatchLoader
 
 
 def _bn_model(seed=0):

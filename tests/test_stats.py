@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from sbdata import SelectiveBatchLoader
 from sbdata.cache import grown
 from sbdata.stats import SelectionLog
-
-from torch.utils.data import DataLoader
 
 from .conftest import Echo, IndexedPairs, id_loss, loss_from_x
 

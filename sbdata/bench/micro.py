@@ -43,7 +43,9 @@ from .train import make_loader, make_model
 #####  1. Wrapper overhead  #####
 
 
-def hand_selected(loader: Any, model: nn.Module, keep: float, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+def hand_selected(
+    loader: Any, model: nn.Module, keep: float, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
     """The selection a user would write by hand: what SelectiveBatchLoader replaces."""
     xs: list[Tensor] = []
     ys: list[Tensor] = []

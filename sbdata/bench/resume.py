@@ -138,10 +138,14 @@ def make_source(kind: str, n: int) -> Any:
     if kind == "list":
         rows = [data[i] for i in range(n)]
         return [
-            (torch.stack([r[0] for r in rows[k : k + 8]]), torch.tensor([r[1] for r in rows[k : k + 8]]), torch.tensor([r[2] for r in rows[k : k + 8]]))
+            tuple(_stack([r[j] for r in rows[k : k + 8]]) for j in range(3))
             for k in range(0, n, 8)
         ]
     raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
+
+
+def _stack(values: list[Any]) -> Tensor:
+    return torch.stack(values) if isinstance(values[0], Tensor) else torch.tensor(values)
 
 
 def maker(kind: str, epochs: int, n: int, **config: Any) -> Make:
@@ -174,7 +178,8 @@ def run_grid(kinds: Sequence[str], cut_seeds: int, epochs: int = 4, n: int = 45,
             tried += len(chosen)
             exact += len(chosen) if ok else 0
             if not ok:
-                failures.append({"policy": policy, "stale": stale, "schedule": schedule, "last_batch": last_batch, "kind": kind, "cuts": sorted(chosen)})
+                case = {"policy": policy, "stale": stale, "schedule": schedule, "last_batch": last_batch, "kind": kind}
+                failures.append({**case, "cuts": sorted(chosen)})
     return {"runs": runs, "checkpoints": tried, "exact": exact, "failures": failures}
 
 

@@ -174,7 +174,7 @@ class DataLoaderSource(Source):
     @contextlib.contextmanager
     def epoch(self) -> Iterator[Iterator[tuple[Any, Tensor | None]]]:
         with self.load(self.candidates()) as pairs:
-            yield pairs  # type: ignore[misc]
+            yield pairs
 
     @contextlib.contextmanager
     def load(self, plan: Sequence[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
