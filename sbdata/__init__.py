@@ -5,36 +5,12 @@ of batches, scores each batch with a model, keeps the examples with the highest 
 re-packs them into full-size batches, so the training loop stays as it is.
 """
 
-from .cache import LossCache as LossCache
-from .config import LoaderConfig as LoaderConfig
-from .loader import SelectiveBatchLoader as SelectiveBatchLoader
-from .policies import (
-    BasePolicy as BasePolicy,
-)
-from .policies import (
-    InfoBatchPolicy as InfoBatchPolicy,
-)
-from .policies import (
-    RandomPolicy as RandomPolicy,
-)
-from .policies import (
-    RankPolicy as RankPolicy,
-)
-from .policies import (
-    Selection as Selection,
-)
-from .policies import (
-    SelectionPolicy as SelectionPolicy,
-)
-from .policies import (
-    ThresholdPolicy as ThresholdPolicy,
-)
-from .policies import (
-    TopKPolicy as TopKPolicy,
-)
-from .recipes import recipe as recipe
-from .stats import EpochStats as EpochStats
-from .stats import LoaderStats as LoaderStats
+from .cache import LossCache
+from .config import LoaderConfig
+from .loader import SelectiveBatchLoader
+from .policies import BasePolicy, InfoBatchPolicy, RandomPolicy, RankPolicy, Selection, SelectionPolicy, ThresholdPolicy, TopKPolicy
+from .recipes import recipe
+from .stats import EpochStats, LoaderStats
 
 __version__ = "0.1.0"
 
