@@ -8,7 +8,16 @@ re-packs them into full-size batches, so the training loop stays as it is.
 from .cache import LossCache
 from .config import LoaderConfig
 from .loader import SelectiveBatchLoader
-from .policies import BasePolicy, InfoBatchPolicy, RandomPolicy, RankPolicy, Selection, SelectionPolicy, ThresholdPolicy, TopKPolicy
+from .policies import (
+    BasePolicy,
+    InfoBatchPolicy,
+    RandomPolicy,
+    RankPolicy,
+    Selection,
+    SelectionPolicy,
+    ThresholdPolicy,
+    TopKPolicy,
+)
 from .recipes import recipe
 from .stats import EpochStats, LoaderStats
 
