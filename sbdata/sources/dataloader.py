@@ -104,18 +104,7 @@ def _rebuild(loader: DataLoader, batch_sampler: PlannedBatchSampler) -> DataLoad
 
 
 def release_workers(loader: DataLoader) -> None:
-    """Shut down a DataLoader's persistent worker pool, if it has one (NOTE [ Orders that resume ]
-A mid-epoch resume must not shift the random state that later epochs draw their order from,
-and a resumed process starts with other random state than the run it continues. So sbdata
-makes every epoch's order a pure function of one seed and the epoch, as ``DistributedSampler``
-does: where the user's sampler draws from a ``generator`` (``RandomSampler``,
-``SubsetRandomSampler``, ``WeightedRandomSampler``), each epoch's draw uses a generator seeded
-from the sampler's own seed (its generator's ``initial_seed()``, or, with no generator, one
-number drawn from the global RNG when the loader is wrapped) and the epoch; that seed is saved
-in checkpoints. The rebuilt loader gets a private generator for its workers' base seed, seeded
-the same way, so sbdata never draws from the global RNG or the user's generator after wrapping.
-
-NOTE [ One worker pool ])."""
+    """Shut down a DataLoader's persistent worker pool, if it has one (NOTE [ One worker pool ])."""
     it = getattr(loader, "_iterator", None)  # torch keeps the persistent iterator here
     shutdown = getattr(it, "_shutdown_workers", None)
     if callable(shutdown):
