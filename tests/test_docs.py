@@ -139,13 +139,15 @@ def test_every_python_block_runs(block: Block, tmp_path: Path, monkeypatch: pyte
 
 class isolated_globals:
     """The block runs in this process: leave the global state it may change as it was (the
-    RNG, torch's thread count, the root and ``sbdata`` loggers). The root logger starts with no
-    handlers, as in a fresh interpreter, so a block's ``logging.basicConfig`` takes effect.
-    Blocks run on one torch thread: their tensors are tiny, and on a busy machine every op of
-    a second thread waits for a free core (20x slower here)."""
+    RNG, torch's thread count, the root and ``sbdata`` loggers). It starts as in a fresh
+    interpreter: the same global seed whatever ran before (its claims hold for any seed, but a
+    failure should reproduce), and a root logger without handlers, so that a block's
+    ``logging.basicConfig`` takes effect. Blocks run on one torch thread: their tensors are
+    tiny, and on a busy machine every op of a second thread waits for a free core (20x slower)."""
 
     def __enter__(self):
         self.rng, self.threads = torch.get_rng_state(), torch.get_num_threads()
+        torch.manual_seed(0)
         torch.set_num_threads(1)
         self.loggers = {
             logger: (logger.level, logger.handlers[:]) for logger in (logging.getLogger(), logging.getLogger("sbdata"))
