@@ -67,3 +67,61 @@ def run_on_two_ranks(fn: Callable[[int, int], Any], timeout: float = 120.0) -> l
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[0], results[1]]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The process ids below ``pid`` (Linux /proc; empty elsewhere). torchrun starts its workers
+    in new sessions, so killing torchrun's process group would not reach them."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def run_torchrun(script: Any, args: list[str], *, nproc: int, cwd: Any, timeout: float) -> tuple[int | None, str, str]:
+    """``torchrun --nproc_per_node=nproc script *args`` on CPU and loopback only.
+
+    Returns ``(returncode, stdout, stderr)``; ``returncode`` is ``None`` when the launch ran past
+    ``timeout``, after which torchrun and every worker it started have been killed.
+    """
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",  # the torchrun entry point
+        "--nnodes=1", f"--nproc_per_node={nproc}", "--max_restarts=0",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args,
+    ]  # fmt: skip
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        workers = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            for pid in [*workers, proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            out, err = proc.communicate()
+        return None, out, err

@@ -5,16 +5,12 @@ must train on exactly the same batches, rank by rank."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from .distributed_helpers import free_port
+from .distributed_helpers import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "ddp_train.py"
@@ -22,53 +18,14 @@ EPOCHS = 3
 LAUNCH_TIMEOUT = 180  # seconds per torchrun launch; about 10 s each on an idle 2-core machine
 
 
-def _descendants(pid: int) -> list[int]:
-    """The process ids below ``pid`` (Linux /proc; empty elsewhere). torchrun starts its workers
-    in new sessions, so killing torchrun's process group would not reach them."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def torchrun(*script_args: str, tmp_path: Path) -> str:
     """``torchrun --nproc_per_node=2`` on loopback; returns stdout. Bounded: on a timeout torchrun
     and the workers it started are killed and the test fails."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",  # the torchrun entry point
-        "--nnodes=1", "--nproc_per_node=2", "--max_restarts=0",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(SCRIPT), "--smoke", f"--epochs={EPOCHS}", f"--data-dir={tmp_path / 'data'}", *script_args,
-    ]  # fmt: skip
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    try:
-        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        workers = _descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers on SIGTERM
-        try:
-            out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            for pid in [*workers, proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            out, err = proc.communicate()
+    args = ["--smoke", f"--epochs={EPOCHS}", f"--data-dir={tmp_path / 'data'}", *script_args]
+    code, out, err = run_torchrun(SCRIPT, args, nproc=2, cwd=tmp_path, timeout=LAUNCH_TIMEOUT)
+    if code is None:
         pytest.fail(f"torchrun {' '.join(script_args)} timed out after {LAUNCH_TIMEOUT}s\n{out}\n{err}")
-    assert proc.returncode == 0, f"torchrun {' '.join(script_args)} failed:\n{out}\n{err}"
+    assert code == 0, f"torchrun {' '.join(script_args)} failed:\n{out}\n{err}"
     return out
 
 

@@ -23,9 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import subprocess
-import sys
 import textwrap
 import traceback
 from dataclasses import dataclass
@@ -34,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .distributed_helpers import free_port
+from .distributed_helpers import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -167,46 +164,9 @@ def torchrun(block: Block, nproc: int, tmp_path: Path) -> None:
     fails or runs past LAUNCH_TIMEOUT (torchrun and its workers are then killed)."""
     script = tmp_path / f"{block.path.stem}_line{block.line}.py"
     script.write_text(block.padded, encoding="utf-8")  # tracebacks name the Markdown line
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-        "--max_restarts=0", "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
-    ]  # fmt: skip
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        workers = _descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers on SIGTERM
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            for pid in [*workers, proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            out, _ = proc.communicate()
-        pytest.fail(f"the block at {block.id} timed out after {LAUNCH_TIMEOUT}s under torchrun:\n{out}", pytrace=False)
-    if proc.returncode != 0:
-        pytest.fail(f"the block at {block.id} failed under torchrun (exit {proc.returncode}):\n{out}", pytrace=False)
+    code, out, err = run_torchrun(script, [], nproc=nproc, cwd=tmp_path, timeout=LAUNCH_TIMEOUT)
+    if code is None:
+        pytest.fail(f"the block at {block.id} timed out after {LAUNCH_TIMEOUT}s under torchrun:\n{out}{err}", pytrace=False)
+    if code != 0:
+        pytest.fail(f"the block at {block.id} failed under torchrun (exit {code}):\n{out}{err}", pytrace=False)
 
-
-def _descendants(pid: int) -> list[int]:
-    """The process ids below ``pid`` (Linux /proc; empty elsewhere). torchrun starts its
-    workers in new sessions, so killing its process group would not reach them."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
