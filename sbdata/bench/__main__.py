@@ -1,7 +1,7 @@
 """Time-to-accuracy study of Selective Backprop recipes on built-in data (no download).
 
-    python -m sbdata.bench                     # first look: MNIST-1D, 1 seed, 5 methods, ~1.5 min
-    python -m sbdata.bench --full              # full study: 3 seeds, both datasets, ~9 min
+    python -m sbdata.bench                     # first look: MNIST-1D, 1 seed, 5 methods, 1-2 min
+    python -m sbdata.bench --full              # full study: 3 seeds, both datasets, 9-11 min
     python -m sbdata.bench --quick             # smoke test, well under a minute
     python -m sbdata.bench --full --out runs/bench --seeds 0 1 2 --datasets mnist1d digits
 
@@ -118,13 +118,13 @@ def load(dataset: str, hyp: dict[str, Any], data_dir: str | None) -> tuple:
     raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(HYP)}")
 
 
-def _progress(total: float) -> Any:
-    """A tqdm bar over ``total`` expected seconds of training (``None`` without tqdm)."""
+def _progress(total: int) -> Any:
+    """A tqdm bar over ``total`` expected centiseconds of training (``None`` without tqdm)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # the bar is optional
         return None
-    return tqdm(total=total, dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+    return tqdm(total=total, dynamic_ncols=True, bar_format="{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
 
 
 _DATA: dict[tuple, tuple] = {}  # each dataset is loaded once
@@ -234,16 +234,16 @@ CALIBRATION: dict[str, dict[str, float]] = {
 STARTUP_S = 6.0
 #: Per run: building the model and the loaders.
 RUN_S = 0.1
-#: Cost relative to a plain training epoch of: a scoring pass (forward only, every example),
-#: the selection and re-packing of a selective epoch, and the share of examples above the
-#: running mean loss that an InfoBatch-style policy always keeps. Fitted to docs/bench/results.md.
-SCORE_COST, SELECT_COST, ABOVE_MEAN = 0.2, 0.04, 0.15
+#: Cost relative to a plain training epoch of a scoring pass (forward only, every example) and
+#: of the selection and re-packing in a selective epoch. Fitted to docs/bench/results.md.
+SCORE_COST, SELECT_COST = 0.2, 0.04
 
 
 def kept_share(kwargs: dict[str, Any]) -> float:
-    """The expected share of each source batch a selective epoch of ``kwargs`` trains on."""
-    keep = kwargs.get("keep", 0.5)
-    kept = ABOVE_MEAN + (1 - ABOVE_MEAN) * keep if kwargs.get("policy") == "infobatch" else keep
+    """The expected share of each source batch a selective epoch of ``kwargs`` trains on:
+    ``keep`` (the policies draw ``int(keep * n)`` of ``n``; threshold keeps about as many), and
+    every ``interrupt``-th batch whole."""
+    kept = kwargs.get("keep", 0.5)
     every = kwargs.get("interrupt", 0)
     return 1.0 / every + (1 - 1.0 / every) * kept if every else kept
 
@@ -255,7 +255,8 @@ def relative_epoch_cost(plan: dict[str, Any], eval_share: float = 0.0, kept: flo
     if kwargs is None:
         return 1.0
     kept = kept_share(kwargs) if kept is None else kept
-    active = [selection_active(training_progress(e, epochs), kwargs.get("start", 0.0), kwargs.get("end", 1.0)) for e in range(epochs)]
+    start, end = kwargs.get("start", 0.0), kwargs.get("end", 1.0)
+    active = [selection_active(training_progress(e, epochs), start, end) for e in range(epochs)]
     selective = sum(active)
     stale = kwargs.get("stale")
     if stale is None:
@@ -268,6 +269,9 @@ def relative_epoch_cost(plan: dict[str, Any], eval_share: float = 0.0, kept: flo
     return eval_share + (1 - eval_share) * training / epochs
 
 
+DIGITS_TRAIN = 1348  # training images of load_digits()
+
+
 def _size(dataset: str, hyp: dict[str, Any]) -> float:
     """Work per epoch relative to :data:`HYP`'s settings: examples x width squared."""
     ref = HYP[dataset]
@@ -276,9 +280,6 @@ def _size(dataset: str, hyp: dict[str, Any]) -> float:
     else:
         examples = min(hyp.get("train_limit", DIGITS_TRAIN), DIGITS_TRAIN) / DIGITS_TRAIN
     return examples * (hyp["width"] / ref["width"]) ** 2
-
-
-DIGITS_TRAIN = 1348  # training images of load_digits()
 
 
 def epoch_seconds(runs: Sequence[tuple]) -> list[float]:
@@ -312,18 +313,19 @@ def estimate_seconds(runs: Sequence[tuple], data_dir: str | None = None) -> floa
 
 
 class _Weighted:
-    """Advances a progress bar by an epoch's expected seconds (so its ETA is right) whenever
+    """Advances a progress bar by an epoch's expected centiseconds (so its ETA holds) whenever
     the training loop reports one epoch done."""
 
-    def __init__(self, bar: Any, seconds: float) -> None:
-        self.bar, self.seconds = bar, seconds
+    def __init__(self, bar: Any, step: int) -> None:
+        self.bar, self.step = bar, step
 
     def update(self, n: int = 1) -> None:
-        self.bar.update(n * self.seconds)
+        self.bar.update(n * self.step)
 
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
 
 def run_study(
     datasets: Sequence[str],
@@ -342,11 +344,11 @@ def run_study(
     plans = {d: {r[1]: r[2] for r in runs if r[0] == d} for d in datasets}
     tasks = [(*run, data_dir, threads) for run in runs]
     curves: dict[str, dict[str, list]] = {d: {name: [] for name in plans[d]} for d in datasets}
-    expected = epoch_seconds(runs)  # per epoch: the bar advances by expected time, so its ETA holds
-    bar = _progress(sum(t[2]["epochs"] * e for t, e in zip(tasks, expected))) if show_progress else None
+    steps = [max(1, round(100 * s)) for s in epoch_seconds(runs)]  # the bar counts expected time
+    bar = _progress(sum(t[2]["epochs"] * step for t, step in zip(tasks, steps))) if show_progress else None
     kept: dict[tuple, float | None] = {}  # (dataset, method, seed) -> kept fraction
     matched: dict[tuple, list[float]] = {}  # (dataset, twin) -> the keep it ran with, per seed
-    for task, seconds in zip(tasks, expected):
+    for task, step in zip(tasks, steps):
         dataset, name, plan, _, seed = task[:5]
         if "match" in plan:  # NOTE [ Cost-matched random twins ]
             keep = matched_keep(kept[(dataset, plan["match"], seed)], plan["kwargs"]["keep"])
@@ -355,7 +357,7 @@ def run_study(
             matched.setdefault((dataset, name), []).append(keep)
         if bar is not None:
             bar.set_description(f"{dataset} {name} seed {seed}")
-        dataset, name, curve = run_one(task, None if bar is None else _Weighted(bar, seconds))  # after every epoch
+        dataset, name, curve = run_one(task, None if bar is None else _Weighted(bar, step))  # after every epoch
         curves[dataset][name].append(curve)
         kept[(dataset, name, seed)] = _kept_fraction(curve)
     if bar is not None:
@@ -399,7 +401,7 @@ def write(studies: dict[str, Any], out: Path, meta: dict[str, Any]) -> None:
     mode = f"{meta['mode']} mode, " if "mode" in meta else ""
     lines = [
         "# sbdata time-to-accuracy study\n",
-        f"`{meta['command']}` ({mode}on {meta['machine']}), seeds {meta['seeds']}, {meta['minutes']:.1f} min.\n",
+        f"`{meta['command']}`, {mode}on {meta['machine']}, seeds {meta['seeds']}, {meta['minutes']:.1f} min.\n",
     ]
     lines.append(
         "Ratios are a method's time to the target over plain training's time to the same target "
@@ -441,7 +443,8 @@ def _epilog() -> str:
     for mode, text in _MODE_HELP.items():
         m = MODES[mode]
         expected = estimate_seconds(planned_runs(m["datasets"], m["seeds"], m["quick"], m["methods"]))
-        lines.append(textwrap.fill(f"{text}; ~{_minutes(expected)}.", 96, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
+        line = f"{text}; ~{_minutes(expected)}."
+        lines.append(textwrap.fill(line, 96, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
     lines += [
         "",
         "--seeds and --datasets override any mode's. Every mode prints a progress bar, then a table",
@@ -511,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         if chosen["mode"] != "default":
             print(f"\n{dataset}, every target (CPU-time clock)\n" + report.markdown_table(study["summary"], _epochs(study)))
+    print(
+        "\nBelow 1.00x: reached the target in less time than plain training; not reached: its final accuracy "
+        "stayed below it."
+        + (" One seed: accuracies move by ~0.1 pt from seed to seed; --full averages three." if len(chosen["seeds"]) == 1 else "")
+    )
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     print(f"\nwrote {args.out}/results.json, results.md, time_to_accuracy.png")
     print(f"total wall-clock {_minutes(wall)} (CPU time {_minutes(cpu)}; expected ~{_minutes(expected)} on an idle 2-core CPU)")
