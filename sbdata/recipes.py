@@ -30,7 +30,7 @@ up-weighted by the inverse of their chance of being drawn, so the expected gradi
 is the full data's. ``sb.record(losses)`` returns the losses times those weights; a loop that
 ignores them trains on a biased sample. :data:`NEEDS_WEIGHTS` says which recipes reweight.
 
-The settings were chosen with ``python -m sbdata.bench`` and ``python -m sbdata.bench.sweep``;
+The settings were chosen with ``python -m sbdata.bench --full`` and ``python -m sbdata.bench.sweep``;
 what they achieve, per data set and seed, is in docs/benchmarks.md (not repeated here, where
 it would go stale).
 """
