@@ -125,14 +125,36 @@ def gather_id_batches(local: list[Tensor]) -> list[list[Tensor]]:
     return [list(torch.split(f, s.tolist())) for f, s in zip(flat, sizes)]
 
 
+def broadcast_tensor(t: Tensor) -> Tensor:
+    """Rank 0's ``t`` on every rank (shapes may differ between ranks; dtypes may not)."""
+    device = _comm_device()
+    shape = torch.zeros(8, dtype=torch.int64, device=device)
+    shape[0] = t.dim()
+    shape[1 : 1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.broadcast(shape, src=0)
+    size = [int(n) for n in shape[1 : 1 + int(shape[0])].tolist()]
+    out = t.to(device).contiguous() if rank() == 0 else torch.empty(size, dtype=t.dtype, device=device)
+    dist.broadcast(out, src=0)
+    return out.cpu()
+
+
 def share_policy_state(policy: Any) -> None:
     """Give every rank rank 0's policy state, so a stateful policy decides alike everywhere
-    and rank 0's checkpoint holds every rank's policy state."""
+    and rank 0's checkpoint holds every rank's policy state.
+
+    A state of tensors (every built-in policy's) travels as tensors; any other state through
+    ``broadcast_object_list``. (Each ``broadcast_object_list`` call leaves cyclic garbage, a
+    pickler class, behind; collected after ``destroy_process_group`` it could make gloo abort
+    at exit, so the common case avoids it.)"""
     if not is_distributed():
         return
-    state = [policy.state_dict()]
-    dist.broadcast_object_list(state, src=0)
-    policy.load_state_dict(state[0])
+    state = policy.state_dict()
+    if all(isinstance(v, Tensor) and v.dim() <= 7 for v in state.values()):
+        policy.load_state_dict({k: broadcast_tensor(v) for k, v in sorted(state.items())})
+        return
+    boxed = [state]
+    dist.broadcast_object_list(boxed, src=0)
+    policy.load_state_dict(boxed[0])
 
 
 def share_cache_updates(cache: LossCache, pending: list[tuple[Tensor, Tensor, int]]) -> None:
