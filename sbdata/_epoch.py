@@ -28,7 +28,7 @@ import collections
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor
@@ -73,6 +73,25 @@ def _meta(packed: dict[str, Any]) -> dict[str, Any]:
     return {k: packed[k] for k in _META if k in packed}
 
 
+#: rows carried into the next epoch: the re-pack buffer itself, or their meta from a checkpoint
+Carried = Union[Repacker, dict[str, Any], None]  # noqa: UP007 (a runtime alias)
+
+
+def carried_rows(carried: Carried) -> int:
+    """How many rows ``carried`` holds."""
+    if isinstance(carried, Repacker):
+        return len(carried)
+    return int(carried["origin"].shape[0]) if carried else 0
+
+
+def carried_meta(carried: Carried) -> dict[str, Any] | None:
+    """``carried`` as checkpoint meta (origins, ids, weights on the CPU), never rows of data."""
+    if not isinstance(carried, Repacker):
+        return carried
+    pending = carried.pending()
+    return None if pending is None else {k: v.cpu() for k, v in _meta(pending).items()}
+
+
 def _cat_meta(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
     parts = [p for p in parts if p]
     if not parts:
@@ -109,10 +128,6 @@ class EpochIterator(Iterator[Any]):
     @property
     def finished(self) -> bool:
         return self._run.finished
-
-    @property
-    def repacker(self) -> Repacker:
-        return self._run.repacker
 
     def __iter__(self) -> EpochIterator:
         return self
@@ -193,10 +208,9 @@ class EpochRun:
         self.finished = False
         self._scorer_modules = list(sb.model.modules())  # walked once per epoch, not per batch
 
-    def _length(self, carried: Repacker | dict[str, Any] | None) -> int | None:
-        rows = len(carried) if isinstance(carried, Repacker) else (int(carried["origin"].shape[0]) if carried else 0)
+    def _length(self, carried: Carried) -> int | None:
         try:
-            return self._sb.epoch_length(self.epoch, carried=rows)
+            return self._sb.epoch_length(self.epoch, carried=carried_rows(carried))
         except TypeError:  # batch sizes unknown until the source has been iterated once
             return None
 
@@ -333,7 +347,7 @@ class EpochRun:
         equal, disjoint share.
         """
         sb = self._sb
-        per_rank = sb._gather_candidates(local)
+        per_rank = dist_utils.gather_id_batches(local)
         check_global_ids(per_rank)
         generator = epoch_generator(sb.config.seed, self.epoch, -1) if dist_utils.is_distributed() else self.generator
 

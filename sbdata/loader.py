@@ -18,13 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist_utils
-from ._epoch import FRESH, PLAIN, STALE, EpochIterator, EpochRun
+from ._epoch import FRESH, PLAIN, STALE, Carried, EpochIterator, EpochRun, carried_meta, carried_rows
 from .batches import Key
 from .cache import LossCache
 from .config import OPTION_NAMES, STATE_VERSION, LoaderConfig, ScoreFn, Stale, check_keeps_rows, check_state, resolve
 from .handouts import Handout, HandoutQueue
 from .policies import SelectionPolicy, make_policy
-from .repack import Repacker
 from .schedule import (
     carried_after,
     epoch_length,
@@ -176,7 +175,7 @@ class SelectiveBatchLoader:
         self._epoch = 0
         self._live_ref: weakref.ref[EpochIterator] | None = None
         self._resume: dict[str, Any] | None = None  # a mid-epoch position to continue from
-        self._carried: Repacker | dict[str, Any] | None = None  # rows carried into the next epoch
+        self._carried: Carried = None  # rows carried into the next epoch
         self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
         self._last_finished = -1  # the last epoch that ended on every rank (distributed only)
 
@@ -353,17 +352,12 @@ class SelectiveBatchLoader:
         if live is None or live._run.epoch == epoch:
             self._live_ref = None
 
-    def _take_carried(self) -> Repacker | dict[str, Any] | None:
+    def _take_carried(self) -> Carried:
         carried, self._carried = self._carried, None
         return carried
 
     def _carried_rows(self) -> int:
-        if isinstance(self._carried, Repacker):
-            return len(self._carried)
-        return int(self._carried["origin"].shape[0]) if self._carried else 0
-
-    def _gather_candidates(self, local: list[Tensor]) -> list[list[Tensor]]:
-        return dist_utils.gather_id_batches(local)
+        return carried_rows(self._carried)
 
     # ------------------------------------------------------------------ record and weights
 
@@ -463,10 +457,7 @@ class SelectiveBatchLoader:
         """
         live = self._live()
         position = live.state_dict() if live is not None else self._resume
-        carried: Any = self._carried
-        if isinstance(carried, Repacker):
-            pending: dict[str, Any] = carried.pending() or {}
-            carried = {k: pending[k].cpu() for k in ("origin", "ids", "weights") if k in pending}
+        carried = carried_meta(self._carried)
         return {
             "version": STATE_VERSION,
             "fingerprint": self.config.fingerprint(self._source.num_examples(), self._policy),
