@@ -246,7 +246,7 @@ class EpochRun:
             "consumed": self.consumed,
             "plan": self.plan.state_dict() if self.plan is not None else None,
             "generator": self.generator.get_state(),
-            "source_state": self._sb._source.position() if self._sb._source.stateful and self._started else self._source_state,
+            "source_state": source.position() if source.stateful and self._started else self._source_state,
             "queued": self._queued if not self._started and self._queued is not None else self.queued(),
         }
 

@@ -177,6 +177,7 @@ class SelectiveBatchLoader:
         self._resume: dict[str, Any] | None = None  # a mid-epoch position to continue from
         self._carried: Carried = None  # rows carried into the next epoch
         self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
+        self._warned_replay = False  # the replay warning is given once
         self._last_finished = -1  # the last epoch that ended on every rank (distributed only)
 
     # ------------------------------------------------------------------ configuration
@@ -362,7 +363,7 @@ class SelectiveBatchLoader:
     # ------------------------------------------------------------------ record and weights
 
     def _warn_replay_once(self) -> None:
-        if self.__dict__.get("_warned_replay") or isinstance(self.loader, (list, tuple)):
+        if self._warned_replay or isinstance(self.loader, (list, tuple)):
             return  # a list replays itself exactly
         self._warned_replay = True
         warnings.warn(
