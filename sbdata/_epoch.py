@@ -36,7 +36,7 @@ from torch import Tensor
 from . import distributed as dist_utils
 from .batches import batch_length, get_field, to_device
 from .cache import as_ids
-from .planning import EpochPlan, candidate_plan, check_global_ids, cut_plan, select_from_cache, share_selection
+from .planning import CandidatePlanner, PlanEntry, StalePlanner
 from .policies import Selection
 from .repack import Repacker
 from .schedule import is_interrupt_batch
@@ -194,7 +194,11 @@ class EpochRun:
         self.exact = self.length is not None and (self.mode == PLAIN or sb.policy.exact)
         self.yielded: int = resume["yielded"] if resume else 0
         self.consumed: int = resume["consumed"] if resume else 0
-        self.plan: EpochPlan | None = EpochPlan.from_state(resume["plan"]) if resume and resume["plan"] else None
+        self._saved_plan: dict[str, Any] | None = resume["plan"] if resume else None
+        self.planner: CandidatePlanner | StalePlanner | None = None
+        self.window: collections.deque[PlanEntry] = collections.deque(
+            PlanEntry.from_state(e) for e in (self._saved_plan["window"] if self._saved_plan else [])
+        )  # planned, not yet loaded
         self.generator = epoch_generator(cfg.seed, epoch, dist_utils.rank())
         if resume and resume["generator"] is not None:
             self.generator.set_state(resume["generator"])
@@ -244,7 +248,7 @@ class EpochRun:
             "length": self.length,
             "yielded": self.yielded,
             "consumed": self.consumed,
-            "plan": self.plan.state_dict() if self.plan is not None else None,
+            "plan": self._plan_state(),
             "generator": self.generator.get_state(),
             "source_state": source.position() if source.stateful and self._started else self._source_state,
             "queued": self._queued if not self._started and self._queued is not None else self.queued(),
@@ -265,8 +269,9 @@ class EpochRun:
         if not self._resumed and self.mode != PLAIN:  # fresh or stale: decided from the cache as it is now
             if sb._source.loads_ids:
                 candidates = sb._source.candidates()
-                flat = torch.cat(candidates) if candidates else torch.empty(0, dtype=torch.long)
-                self.mode = sb.mode(self.epoch, flat)
+                self.mode = sb.mode(self.epoch, candidates)
+                if self.mode != PLAIN and sb.config.stale is not None:
+                    dist_utils.check_shared_id_space(sum(c.numel() for c in candidates), sb._source.num_examples())
             else:
                 self.mode = sb.mode(self.epoch)
         self.stats = sb.stats.current if self._resumed else sb.stats.begin(self.epoch, self.mode)
@@ -278,26 +283,83 @@ class EpochRun:
         yield from self._tail()
 
     def _planned(self, candidates: list[Tensor] | None) -> Iterator[Any]:
-        """Load the epoch's plan of id batches (drawn now, or restored from a checkpoint)."""
+        """Load the id batches the epoch's planner hands out (NOTE [ Planning batch by batch ]
+        in :mod:`sbdata.planning`), continuing a checkpoint's plan where there is one."""
         sb = self._sb
-        if self.plan is None:
-            candidates = sb._source.candidates() if candidates is None else candidates
-            self.plan = self._stale_plan(candidates) if self.mode == STALE else candidate_plan(
-                candidates, plain=self.mode == PLAIN, interrupt=sb.config.interrupt
-            )
-        plan, first = self.plan, self.consumed
-        with sb._source.load(plan.batches[first:]) as pairs:
-            for k, (batch, ids) in enumerate(pairs, first):
+        saved = self._saved_plan
+        offset = 0
+        if saved is not None and saved["candidates"] is not None:  # a source whose order cannot be drawn again
+            candidates, offset = list(saved["candidates"]), int(saved["planner"]["next"])
+        elif candidates is None:
+            candidates = sb._source.candidates()
+            if saved is not None and saved["checksum"] != _checksum(candidates):
+                raise RuntimeError(
+                    f"resuming epoch {self.epoch}: the source drew another order of id batches than the run "
+                    "that saved the checkpoint, so the rest of the epoch would skip or repeat examples; "
+                    "keep the loader's sampler, its seed and the dataset as they were when it was saved"
+                )
+        planner = self._planner(candidates, offset)
+        if saved is not None:
+            planner.load_state_dict(saved["planner"])
+        self.planner, window = planner, self.window
+
+        def id_batches() -> Iterator[Tensor]:
+            for entry in list(window):  # restored from a checkpoint: already in the window
+                yield entry.ids
+            for entry in planner:
+                window.append(entry)
+                yield entry.ids
+
+        with sb._source.load(id_batches()) as pairs:
+            for k, (batch, ids) in enumerate(pairs, self.consumed):
+                entry = window.popleft()
                 self.consumed = k + 1
                 n = self._loaded(batch)
                 if sb.config.index_key is not None:  # checked, but the loaded indices key the cache
                     self._ids_of(batch, None, n)
-                if plan.passes[k]:
+                if entry.passed:
                     yield from self._pass_through(batch, ids, n, k)
-                elif plan.preselected:
-                    yield from self._emit(to_device(batch, sb.device), n, ids, Selection(torch.arange(n), plan.weights[k]), k)
+                elif entry.preselected:
+                    yield from self._emit(to_device(batch, sb.device), n, ids, Selection(torch.arange(n), entry.weights), k)
                 else:
                     yield from self._select(batch, n, ids, k)
+
+    def _planner(self, candidates: list[Tensor], offset: int) -> CandidatePlanner | StalePlanner:
+        sb = self._sb
+        if self.mode != STALE:
+            return CandidatePlanner(candidates, plain=self.mode == PLAIN, interrupt=sb.config.interrupt, offset=offset)
+
+        # the closures must not refer to this run: the planner is kept by the run (no cycle)
+        stats, generator, epoch = self.stats, self.generator, self.epoch
+
+        def select(ids: Tensor) -> Selection:
+            losses, _ = sb.cache.lookup(ids)  # every candidate was measured (see SelectiveBatchLoader.mode)
+            selection = sb.policy.select(losses, generator)
+            stats.selected += selection.rows.numel()
+            sb.selection_log.observe(epoch, losses, selection.rows, ids)
+            return selection
+
+        def skipped(n: int) -> None:
+            stats.loads_skipped += n
+
+        return StalePlanner(
+            candidates, select, batch_size=sb.batch_size, waiting=len(self.repacker), interrupt=sb.config.interrupt,
+            last_batch=sb.last_batch, skipped=skipped, offset=offset,
+        )  # fmt: skip
+
+    def _plan_state(self) -> dict[str, Any] | None:
+        """The planner's position and the batches planned but not yet loaded (``None`` for a
+        streamed source); the candidates themselves only where the source cannot draw them again."""
+        planner = self.planner
+        if planner is None:
+            return self._saved_plan if not self._started else None
+        reproducible = self._sb._source.reproducible_order
+        return {
+            "planner": planner.state_dict(),
+            "window": [e.state_dict() for e in self.window],
+            "checksum": _checksum(planner.candidates) if reproducible and not planner.offset else None,
+            "candidates": None if reproducible and not planner.offset else planner.candidates[planner.next - planner.offset :],
+        }
 
     def _streamed(self) -> Iterator[Any]:
         """Iterate the source; ids only from the batch (``index_key``)."""
@@ -338,43 +400,6 @@ class EpochRun:
         self.stats.selected += selection.rows.numel()
         sb.selection_log.observe(self.epoch, losses, selection.rows, ids)
         yield from self._emit(batch, n, ids, selection, index)
-
-    def _stale_plan(self, local: list[Tensor]) -> EpochPlan:
-        """The id batches a stale epoch loads, selected from cached losses before loading.
-
-        Under ``torch.distributed`` every rank gathers all ranks' candidate batches, makes the
-        same global selection (same cache, same generator, same policy state) and takes an
-        equal, disjoint share.
-        """
-        sb = self._sb
-        per_rank = dist_utils.gather_id_batches(local)
-        check_global_ids(per_rank)
-        generator = epoch_generator(sb.config.seed, self.epoch, -1) if dist_utils.is_distributed() else self.generator
-
-        def pick(batches: list[Tensor]) -> list[Selection]:
-            if not batches:
-                return []
-            ids = torch.cat(batches)
-            losses, _ = sb.cache.lookup(ids)  # every candidate was measured (see SelectiveBatchLoader.mode)
-            selections = select_from_cache(sb.policy, batches, losses, generator)
-            offsets = torch.tensor([0] + [b.numel() for b in batches[:-1]]).cumsum(0).tolist()
-            flat = torch.cat([s.rows + offset for s, offset in zip(selections, offsets)])
-            sb.selection_log.observe(self.epoch, losses, flat, ids)
-            return selections
-
-        shares, equal = share_selection(per_rank, pick, sb.config.interrupt)
-        self.stats.selected += sum(part.numel() for share in shares for _, part, _ in share) // len(shares)
-        plan = cut_plan(
-            local,
-            shares[dist_utils.rank()],
-            limit=equal,
-            batch_size=sb.batch_size,
-            waiting=len(self.repacker),
-            interrupt=sb.config.interrupt,
-            last_batch=sb.last_batch,
-        )
-        self.stats.loads_skipped = sum(c.numel() for c in local) - plan.examples()
-        return plan
 
     def _tail(self) -> Iterator[Any]:
         yield from self._drain()
@@ -506,6 +531,16 @@ class EpochRun:
             self.repacker.clear()
 
         yield from dist_utils.equal_batch_counts(stream, local, drop_surplus)
+
+
+def _checksum(batches: list[Tensor]) -> int:
+    """A fingerprint of an epoch's order of id batches (O(N), taken only at checkpoints)."""
+    if not batches:
+        return 0
+    ids = torch.cat(batches).long()
+    position = (torch.arange(ids.numel(), dtype=torch.long) * 2_654_435_761) % 2_147_483_647 + 1
+    sizes = torch.tensor([b.numel() for b in batches], dtype=torch.long)
+    return int((ids * position).sum()) ^ int((sizes * torch.arange(1, sizes.numel() + 1)).sum()) ^ ids.numel()
 
 
 def _log_epoch(stats: EpochStats, completed: bool) -> None:

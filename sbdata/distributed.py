@@ -24,7 +24,7 @@ __all__ = [
     "all_gather_variable",
     "all_reduce_int",
     "equal_batch_counts",
-    "gather_id_batches",
+    "check_shared_id_space",
     "is_distributed",
     "rank",
     "share_cache_updates",
@@ -116,13 +116,23 @@ def equal_batch_counts(
         stream.close()  # type: ignore[attr-defined]
 
 
-def gather_id_batches(local: list[Tensor]) -> list[list[Tensor]]:
-    """Every rank's list of id batches, in rank order (``[local]`` on one process)."""
-    if not is_distributed():
-        return [local]
-    sizes = all_gather_variable(torch.tensor([c.numel() for c in local], dtype=torch.long))
-    flat = all_gather_variable(torch.cat(local) if local else torch.empty(0, dtype=torch.long))
-    return [list(torch.split(f, s.tolist())) for f, s in zip(flat, sizes)]
+def check_shared_id_space(candidates: int, num_examples: int | None) -> None:
+    """Refuse ranks whose candidates overlap by more than ``DistributedSampler``'s padding (at
+    most ``world - 1`` repeated ids), from one all-reduce of the counts: the ids are dataset
+    indices, so more candidates over all ranks than examples means each rank wraps its own
+    dataset with ids local to it, and the shared loss cache would mix up their examples."""
+    if not is_distributed() or num_examples is None:
+        return
+    total = all_reduce_int(candidates, "sum")
+    if total > num_examples + world_size() - 1:
+        raise ValueError(
+            f"stale mode under torch.distributed keeps one loss cache over one id space shared by every rank, "
+            f"but the ranks have {total} candidates this epoch for a dataset of {num_examples} examples, so "
+            f"{total - num_examples} example ids are candidates on more than one rank: each rank seems to wrap "
+            "its own dataset with ids local to it. Shard one dataset with a DistributedSampler, or give every "
+            "example a global id (e.g. the rank's offset plus the local index) and pass index_key= to locate it "
+            "in the batch"
+        )
 
 
 def broadcast_tensor(t: Tensor) -> Tensor:

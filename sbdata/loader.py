@@ -243,7 +243,7 @@ class SelectiveBatchLoader:
         cfg = self.config
         return cfg.keep < 1.0 and selection_active(training_progress(epoch, cfg.epochs), cfg.start, cfg.end)
 
-    def mode(self, epoch: int | None = None, candidates: Tensor | None = None) -> str:
+    def mode(self, epoch: int | None = None, candidates: Tensor | list[Tensor] | None = None) -> str:
         """``"plain"``, ``"fresh"`` or ``"stale"``: what ``epoch`` (default: the current or next) does.
 
         With ``stale=n`` every n-th selective epoch (the first included) is due a rescoring, and
@@ -260,11 +260,13 @@ class SelectiveBatchLoader:
             return PLAIN
         if cfg.stale is None:
             return FRESH
-        if candidates is None:  # every example of the dataset, from the cache's counts (O(1))
-            n = self._source.num_examples()
+        n = self._source.num_examples()
+        if candidates is None or (n and self.cache.known_count() >= n):  # every example known: the cache's counts, O(1)
             oldest = self.cache.oldest_epoch() if n and self.cache.known_count() >= n else -1
         else:
-            oldest = int(self.cache.measured_epoch(candidates).min()) if candidates.numel() else -1
+            flat = torch.cat(candidates) if isinstance(candidates, list) and candidates else candidates
+            flat = flat if isinstance(flat, Tensor) else torch.empty(0, dtype=torch.long)
+            oldest = int(self.cache.measured_epoch(flat).min()) if flat.numel() else -1
         first = first_active_epoch(cfg.epochs, cfg.start, cfg.end)
         due = epoch <= first if cfg.stale == "once" else (epoch - first) % cfg.stale == 0
         recent = oldest >= 0 and (cfg.stale == "once" or oldest > epoch - cfg.stale)

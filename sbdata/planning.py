@@ -1,179 +1,164 @@
-"""Epoch plans: which id batches an epoch loads, decided before loading.
+"""Planners: which id batches an epoch loads, decided one batch at a time, just before loading.
 
-Every epoch of a source that loads chosen ids (a map-style DataLoader, FFCV) runs from an
-:class:`EpochPlan` drawn up front: in plain and fresh epochs the user's own id batches, in
-stale epochs only the ids selected from cached losses. A checkpoint names the plan and how far
-the epoch got, so resuming loads exactly what is left.
+Every epoch of a source that loads chosen ids (a map-style DataLoader, FFCV, torchdata.nodes)
+loads the id batches a planner hands it. In plain and fresh epochs that is the user's own id
+batches (:class:`CandidatePlanner`); in stale epochs only the ids selected from cached losses,
+cut into full batches (:class:`StalePlanner`).
 
-Pure functions: they take candidate id batches, cached losses and a policy, and return plans.
-Nothing here touches a loader, a model or ``torch.distributed``.
+NOTE [ Planning batch by batch ]
+A stale epoch decides candidate batch ``i``'s selection when the loader asks for the next id
+batch to load, never for the whole epoch up front: the first batch arrives as soon as a plain
+epoch's would, and each step costs work in proportion to the batch. The cached losses a
+planner reads cannot change under it: an example is a candidate once per epoch, so its loss
+is only ever recorded after it was planned. Under ``torch.distributed`` each rank plans only
+its own candidates (its ``DistributedSampler`` share) with its own generator, so planning
+gets cheaper with more ranks and no ids cross between ranks; equal batch counts come from an
+all-reduce of the counts (NOTE [ Equal batches on every rank ]).
+
+A planner's state is small: the next candidate batch, the selected ids not yet cut into a
+batch, and how many rows the next cut needs. With it, and the few batches planned but not yet
+loaded (a DataLoader with workers asks a few batches ahead), a checkpoint resumes the epoch
+exactly.
+
+Pure: a planner takes candidate id batches and a ``select`` function; nothing here touches a
+loader, a model or ``torch.distributed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .policies import Selection, SelectionPolicy
+from .policies import Selection
 from .schedule import is_interrupt_batch
 
-__all__ = ["EpochPlan", "candidate_plan", "check_global_ids", "cut_plan", "select_from_cache", "share_selection"]
-
-#: one source batch's part of a rank's selection: (batch index, ids, weights or None)
-Share = list[tuple[int, Tensor, "Tensor | None"]]
-#: picks rows of candidate batches: [ids per batch] -> [Selection per batch]
-Picker = Callable[[list[Tensor]], list[Selection]]
+__all__ = ["CandidatePlanner", "PlanEntry", "StalePlanner"]
 
 
 @dataclass
-class EpochPlan:
-    """The id batches an epoch loads, in order.
+class PlanEntry:
+    """One id batch to load. ``passed``: yielded unchanged (a plain epoch, an ``interrupt``
+    batch). ``preselected``: every row is already selected (a stale epoch); otherwise rows
+    are selected after loading, from scores. ``weights``: the policy's per-row weights."""
 
-    ``passes[k]``: batch k is yielded unchanged (a plain epoch, or an ``interrupt`` batch).
-    ``weights[k]``: the policy's per-example weights of batch k, if it reweights.
-    ``preselected``: every row of a batch that does not pass is already selected (a stale
-    epoch); otherwise the rows are selected after loading, from scores (a fresh epoch).
+    ids: Tensor
+    passed: bool = False
+    preselected: bool = False
+    weights: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids, "passed": self.passed, "preselected": self.preselected, "weights": self.weights}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PlanEntry:
+        return cls(state["ids"], bool(state["passed"]), bool(state["preselected"]), state["weights"])
+
+
+class CandidatePlanner(Iterator[PlanEntry]):
+    """A plain or fresh epoch: every candidate batch, in order; plain epochs and ``interrupt``
+    batches pass through unchanged. ``candidates[k]`` is candidate batch ``offset + k``."""
+
+    def __init__(self, candidates: list[Tensor], *, plain: bool, interrupt: int, offset: int = 0) -> None:
+        self.candidates, self.offset = candidates, offset
+        self.plain, self.interrupt = plain, interrupt
+        self.next = offset
+
+    def __next__(self) -> PlanEntry:
+        if self.next >= self.offset + len(self.candidates):
+            raise StopIteration
+        i, self.next = self.next, self.next + 1
+        return PlanEntry(self.candidates[i - self.offset], passed=self.plain or is_interrupt_batch(i, self.interrupt))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next": self.next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next = int(state["next"])
+
+
+class StalePlanner(Iterator[PlanEntry]):
+    """A stale epoch: select from each candidate batch as it comes up, and cut the selected
+    ids into batches of ``batch_size`` (NOTE [ Planning batch by batch ]).
+
+    ``select(ids)`` returns the policy's selection among ``ids`` (from their cached losses).
+    The first batch tops up the ``waiting`` rows already in the re-pack buffer; every later
+    one is exactly ``batch_size``, so it needs no copy. ``interrupt`` batches go in at their
+    place, whole. The last partial batch is loaded unless ``last_batch == "drop"``.
+    ``skipped(n)`` is told of every ``n`` candidates that will not be loaded.
     """
 
-    batches: list[Tensor] = field(default_factory=list)
-    passes: list[bool] = field(default_factory=list)
-    weights: list[Tensor | None] = field(default_factory=list)
-    preselected: bool = False
+    def __init__(
+        self,
+        candidates: list[Tensor],
+        select: Callable[[Tensor], Selection],
+        *,
+        batch_size: int,
+        waiting: int,
+        interrupt: int,
+        last_batch: str,
+        skipped: Callable[[int], None] = lambda n: None,
+        offset: int = 0,
+    ) -> None:
+        self.candidates, self.offset = candidates, offset
+        self.select, self.skipped = select, skipped
+        self.batch_size, self.interrupt, self.last_batch = batch_size, interrupt, last_batch
+        self.next = offset
+        self.need = batch_size - waiting
+        self.queue = torch.empty(0, dtype=torch.long)
+        self.queue_weights: Tensor | None = None
+        self.done = False
 
-    def append(self, ids: Tensor, passed: bool = False, weights: Tensor | None = None) -> None:
-        self.batches.append(ids)
-        self.passes.append(passed)
-        self.weights.append(weights)
+    def __next__(self) -> PlanEntry:
+        while self.queue.numel() < self.need:
+            if self.next >= self.offset + len(self.candidates):
+                return self._last()
+            i, self.next = self.next, self.next + 1
+            ids = self.candidates[i - self.offset]
+            if is_interrupt_batch(i, self.interrupt):
+                return PlanEntry(ids, passed=True)
+            self._add(ids, self.select(ids))
+        return self._cut(self.need)
 
-    def examples(self) -> int:
-        return sum(b.numel() for b in self.batches)
+    def _add(self, ids: Tensor, selection: Selection) -> None:
+        rows, weights = selection
+        self.skipped(ids.numel() - rows.numel())
+        self.queue = torch.cat([self.queue, ids[rows]])
+        if weights is not None:
+            weights = weights.float().cpu()
+            self.queue_weights = weights if self.queue_weights is None else torch.cat([self.queue_weights, weights])
+
+    def _cut(self, n: int) -> PlanEntry:
+        weights = None if self.queue_weights is None else self.queue_weights[:n]
+        entry = PlanEntry(self.queue[:n], preselected=True, weights=weights)
+        self.queue = self.queue[n:]
+        self.queue_weights = None if self.queue_weights is None else self.queue_weights[n:]
+        self.need = self.batch_size
+        return entry
+
+    def _last(self) -> PlanEntry:
+        if self.done or not self.queue.numel():
+            self.done = True
+            raise StopIteration
+        self.done = True
+        if self.last_batch == "drop":
+            self.skipped(self.queue.numel())
+            raise StopIteration
+        return self._cut(self.queue.numel())
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "batches": list(self.batches),
-            "passes": list(self.passes),
-            "weights": list(self.weights),
-            "preselected": self.preselected,
+            "next": self.next,
+            "need": self.need,
+            "queue": self.queue.clone(),
+            "queue_weights": None if self.queue_weights is None else self.queue_weights.clone(),
+            "done": self.done,
         }
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> EpochPlan:
-        return cls(list(state["batches"]), list(state["passes"]), list(state["weights"]), bool(state["preselected"]))
-
-
-def candidate_plan(candidates: list[Tensor], *, plain: bool, interrupt: int) -> EpochPlan:
-    """A plain or fresh epoch's plan: every candidate batch, in order; plain epochs and
-    ``interrupt`` batches pass through unchanged."""
-    plan = EpochPlan()
-    for i, ids in enumerate(candidates):
-        plan.append(ids, passed=plain or is_interrupt_batch(i, interrupt))
-    return plan
-
-
-def select_from_cache(
-    policy: SelectionPolicy, batches: list[Tensor], losses: Tensor, generator: torch.Generator
-) -> list[Selection]:
-    """The policy's selection from each candidate batch, given the batches' cached ``losses``
-    (concatenated in batch order)."""
-    if not batches:
-        return []
-    parts = list(torch.split(losses, [b.numel() for b in batches]))
-    return policy.select_many(parts, generator)
-
-
-def check_global_ids(per_rank: list[list[Tensor]]) -> None:
-    """Refuse candidates that overlap between ranks by more than ``DistributedSampler``'s
-    padding (at most ``world - 1`` repeated ids): then the ids are local to each rank's own
-    dataset, and one global selection would hand a rank ids of another rank's dataset."""
-    world = len(per_rank)
-    if world < 2:
-        return
-    per = [torch.unique(torch.cat(c)) if c else torch.empty(0, dtype=torch.long) for c in per_rank]
-    values, counts = torch.unique(torch.cat(per), return_counts=True)
-    shared = values[counts > 1]
-    if shared.numel() > world - 1:
-        raise ValueError(
-            f"stale mode under torch.distributed selects from one id space shared by every rank, but "
-            f"{shared.numel()} example ids (e.g. {shared[:5].tolist()}) are candidates on more than one rank: "
-            "each rank seems to wrap its own dataset with ids local to it. Shard one dataset with a "
-            "DistributedSampler, or give every example a global id (e.g. the rank's offset plus the local "
-            "index) and pass index_key= to locate it in the batch"
-        )
-
-
-def share_selection(per_rank: list[list[Tensor]], pick: Picker, interrupt: int) -> tuple[list[Share], int]:
-    """Select from every rank's candidate batches and deal the result out evenly.
-
-    ``pick`` gets every candidate batch that is not an ``interrupt`` batch in one list, source
-    batch ``i`` of every rank in rank order, then ``i + 1``, and so on (one call, so a policy
-    can decide them all at once). The ids kept from source batch ``i`` are dealt round-robin
-    (rank ``r`` takes every ``world``-th, starting at ``r``). Returns each rank's share and the
-    number of ids every share can keep so that all are equally long.
-    """
-    world = len(per_rank)
-    order = [
-        (i, candidates[i])
-        for i in range(max((len(c) for c in per_rank), default=0))
-        if not is_interrupt_batch(i, interrupt)
-        for candidates in per_rank
-        if i < len(candidates)
-    ]
-    picked = pick([ids for _, ids in order])
-    by_batch: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
-    for (i, ids), selection in zip(order, picked):
-        by_batch.setdefault(i, []).append((ids[selection.rows], selection.weights))
-    shares: list[Share] = [[] for _ in range(world)]
-    for i, parts in by_batch.items():
-        ids = torch.cat([kept for kept, _ in parts])
-        weight = torch.cat([w for _, w in parts]) if parts[0][1] is not None else None  # type: ignore[misc]
-        for r in range(world):
-            shares[r].append((i, ids[r::world], None if weight is None else weight[r::world]))
-    equal = min(sum(part.numel() for _, part, _ in share) for share in shares)
-    return shares, equal
-
-
-def cut_plan(
-    local: list[Tensor],
-    share: Share,
-    *,
-    limit: int,
-    batch_size: int,
-    waiting: int,
-    interrupt: int,
-    last_batch: str,
-) -> EpochPlan:
-    """Cut this rank's selected ids (the first ``limit`` of them) into batches to load.
-
-    The first batch tops up the ``waiting`` rows already in the re-pack buffer; every later one
-    is exactly ``batch_size``, so it needs no copy. ``interrupt`` batches of ``local`` go in at
-    their place, whole. The remainder is loaded unless ``last_batch == "drop"``.
-    """
-    plan = EpochPlan(preselected=True)
-    by_batch = {i: (ids, w) for i, ids, w in share}
-    queue = torch.empty(0, dtype=torch.long)
-    queued_weights: Tensor | None = None
-    need = batch_size - waiting
-    budget = limit
-    for i, candidates in enumerate(local):
-        if is_interrupt_batch(i, interrupt):
-            plan.append(candidates, passed=True)
-            continue
-        ids, weights = by_batch.get(i, (torch.empty(0, dtype=torch.long), None))
-        ids = ids[:budget]
-        budget -= ids.numel()
-        queue = torch.cat([queue, ids])
-        if weights is not None:
-            weights = weights[: ids.numel()]
-            queued_weights = weights if queued_weights is None else torch.cat([queued_weights, weights])
-        while queue.numel() >= need:
-            plan.append(queue[:need], weights=None if queued_weights is None else queued_weights[:need])
-            queue = queue[need:]
-            queued_weights = None if queued_weights is None else queued_weights[need:]
-            need = batch_size
-    if queue.numel() and last_batch != "drop":
-        plan.append(queue, weights=queued_weights)
-    return plan
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next, self.need, self.done = int(state["next"]), int(state["need"]), bool(state["done"])
+        self.queue = state["queue"].long()
+        self.queue_weights = state["queue_weights"]

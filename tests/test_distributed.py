@@ -162,14 +162,15 @@ def test_ranks_with_uneven_shards_stop_together_and_count_the_surplus():
 def _per_rank_dataset_worker(rank: int, world: int):
     loader = DataLoader(IndexedPairs(40), batch_size=8)  # each rank its own dataset, ids 0..39 on both
     sb = SelectiveBatchLoader(loader, Echo(), keep=0.5, loss_fn=loss_from_x, stale=2)
-    list(sb)  # fresh
     try:
-        list(sb)  # the first stale epoch plans one global selection
+        next(iter(sb))  # the first epoch that would write the shared loss cache
     except ValueError as e:
-        return str(e)
-    return "no error"
+        return {"message": str(e), "cache": sb.cache.known_count()}
+    return {"message": "no error"}
 
 
-def test_per_rank_datasets_with_local_ids_are_refused_at_the_first_stale_epoch():
-    for message in run_on_two_ranks(_per_rank_dataset_worker):
+def test_per_rank_datasets_with_local_ids_are_refused_before_they_mix_up_the_shared_cache():
+    for r in run_on_two_ranks(_per_rank_dataset_worker):
+        message = r["message"]
         assert "40 example ids" in message and "DistributedSampler" in message and "index_key=" in message
+        assert r["cache"] == 0, "refused before any loss was cached"

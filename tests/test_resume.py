@@ -120,7 +120,9 @@ def test_a_stateful_dataloader_source_resumes_mid_epoch_in_fresh_mode():
     it = iter(reference)
     [next(it) for _ in range(2)]
     state = save_and_load(reference.state_dict())
-    assert len(state["position"]["plan"]["batches"]) == 12, "sbdata draws the epoch's id batches itself"
+    plan = state["position"]["plan"]
+    assert plan["candidates"] is None, "sbdata draws the epoch's id batches itself, again on resume"
+    assert plan["planner"]["next"] == 4 and plan["window"] == [], "2 batches of keep=0.5: 4 source batches"
     expected = ids_of(it)
     resumed = SelectiveBatchLoader(loader(), Echo(), keep=0.5, loss_fn=loss_from_x, policy="rank")
     resumed.load_state_dict(state)

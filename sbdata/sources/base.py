@@ -10,7 +10,7 @@ every epoch's position a list of ids a checkpoint can name.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import Tensor
@@ -98,11 +98,15 @@ class Source:
       later ``next()`` (FFCV), so rows are copied before the next batch is requested.
     * ``stateful``: the wrapped loader has its own ``state_dict``/``load_state_dict`` position
       (torchdata's ``StatefulDataLoader`` streamed as it is).
+    * ``reproducible_order``: :meth:`candidates` draws the same id batches for an epoch again
+      after a restart (with the same :meth:`state_dict`), so a checkpoint names the position
+      in them instead of saving them.
     """
 
     loads_ids = False
     recycles_buffers = False
     stateful = False
+    reproducible_order = False
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
@@ -166,8 +170,9 @@ class Source:
         raise RuntimeError(f"{type(self).__name__} cannot list an epoch's ids before loading it")
 
     @contextlib.contextmanager
-    def load(self, plan: Sequence[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
-        """Load exactly ``plan``'s id batches, in order (``loads_ids`` sources only)."""
+    def load(self, plan: Iterable[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
+        """Load exactly ``plan``'s id batches, in order (``loads_ids`` sources only). ``plan``
+        may be lazy (each id batch is decided when it is asked for): consume it as you load."""
         raise RuntimeError(f"{type(self).__name__} cannot load a chosen list of ids")
         yield iter(())  # unreachable: makes this a generator for contextmanager
 

@@ -25,15 +25,16 @@ never holds two pools of workers (and two copies of the dataset per worker).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 from .base import Source, close_iterator, dataloader_batch_sizes, forward_set_epoch
 
@@ -52,20 +53,41 @@ class PlannedBatchSampler:
         self.batch_size = getattr(inner, "batch_size", None)
         self.drop_last = getattr(inner, "drop_last", False)
         self.sampler = getattr(inner, "sampler", None)
-        self._plan: list[list[int]] = []
+        self._plan: Iterator[Tensor] = iter(())
+        self._pass: Iterator[list[int]] | None = None
+        self.issued: collections.deque[Tensor] = collections.deque()  # handed to the loader, not yet loaded
 
-    def set_plan(self, plan: Sequence[Tensor]) -> None:
-        self._plan = [torch.as_tensor(p, dtype=torch.long).tolist() for p in plan]
+    def set_plan(self, plan: Iterable[Tensor]) -> None:
+        """The id batches of the next pass; ``plan`` is read lazily, one batch per request."""
+        self.end_pass()
+        self._plan = iter(plan)
+
+    def end_pass(self) -> None:
+        """Let go of the current pass and its plan now (a persistent worker pool's iterator
+        would otherwise keep an unfinished pass, and what its plan refers to, until its next epoch)."""
+        if self._pass is not None:
+            self._pass.close()  # type: ignore[attr-defined]
+            self._pass = None
+        self._plan = iter(())
+        self.issued.clear()
 
     def set_epoch(self, epoch: int) -> None:
         forward_set_epoch(self.inner, epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        plan, self._plan = self._plan, []
-        yield from plan
+        self._pass = self._batches()
+        return self._pass
+
+    def _batches(self) -> Iterator[list[int]]:
+        # takes the plan at its first next(): torch's worker iterator calls iter() twice and uses the second
+        plan, self._plan = self._plan, iter(())
+        for ids in plan:
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            self.issued.append(ids)
+            yield ids.tolist()
 
     def __len__(self) -> int:
-        return len(self._plan)
+        return len(self.inner)  # the user's epoch: an upper bound of any plan's batches
 
 
 _BATCHING_ARGS = {"dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"}
@@ -165,19 +187,23 @@ class DataLoaderSource(Source):
         with self.load(self.candidates()) as pairs:
             yield pairs
 
+    @property
+    def reproducible_order(self) -> bool:  # type: ignore[override]
+        """Random samplers draw from a per-epoch generator (NOTE [ Orders that resume ]); torch's
+        sequential and distributed samplers are pure functions of their seed and epoch."""
+        sampler = getattr(self.sampler.inner, "sampler", None)
+        return self._random is not None or type(sampler) in (SequentialSampler, DistributedSampler)
+
     @contextlib.contextmanager
-    def load(self, plan: Sequence[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
-        plan = [torch.as_tensor(p, dtype=torch.long) for p in plan]
-        if not plan:
-            yield iter(())
-            return
+    def load(self, plan: Iterable[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
         self.sampler.set_plan(plan)
         self.loader.generator.manual_seed(_mix(self.order_seed, self._epoch, 1))
         it = iter(self.loader)
         try:
-            yield zip(it, plan)
+            yield ((batch, self.sampler.issued.popleft()) for batch in it)
         finally:
             close_iterator(it)
+            self.sampler.end_pass()
 
 
 def _random_sampler(batch_sampler: Any) -> Any:

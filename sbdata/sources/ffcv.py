@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -149,8 +149,12 @@ class FFCVSource(Source):
         return list(_ids_tensor(order).split(self.loader.batch_size))
 
     @contextlib.contextmanager
-    def load(self, plan: Sequence[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
-        """Load exactly ``plan``'s id batches, in order, in one FFCV pass over their concatenation."""
+    def load(self, plan: Iterable[Tensor]) -> Iterator[Iterator[tuple[Any, Tensor]]]:
+        """Load exactly ``plan``'s id batches, in order, in one FFCV pass over their concatenation.
+
+        FFCV takes a whole epoch's order before its first batch, so a lazy ``plan`` is drawn
+        to its end here (a stale FFCV epoch plans its whole selection when it starts)."""
+        plan = list(plan)
         sizes = [int(p.numel()) for p in plan]
         if any(n == 0 for n in sizes):
             raise ValueError(f"a load plan must not contain empty batches, got sizes {sizes}")
