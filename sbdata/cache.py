@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LossCache", "grown"]
+__all__ = ["IdTable", "LossCache", "as_ids", "grown", "narrowest"]
 
 _NEVER = -1  # epoch stored for ids that were never measured
 _DENSE_MIN = 1 << 16  # ids below this are always stored densely
@@ -33,6 +33,16 @@ def grown(table: Tensor, needed: int, fill: float | int = 0) -> Tensor:
     out = torch.full((max(needed, 2 * table.numel(), 1024),), fill, dtype=table.dtype)
     out[: table.numel()] = table
     return out
+
+
+def narrowest(values: Tensor) -> Tensor:
+    """Non-negative integers in the narrowest dtype that holds them (``uint8`` up to 255, then
+    ``int16``, ``int32``, ``int64``): checkpoints store counts and epochs at 1-2 bytes each."""
+    top = int(values.max()) if values.numel() else 0
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if top <= torch.iinfo(dtype).max:
+            return values.to(dtype)
+    return values.long()
 
 
 def as_ids(ids: Any, argument: str = "index_key") -> Tensor:
@@ -52,11 +62,14 @@ def as_ids(ids: Any, argument: str = "index_key") -> Tensor:
 class IdTable:
     """Columns of values keyed by example id, dense or sparse (NOTE [ Dense or sparse ids ]).
 
-    ``columns`` maps a name to ``(dtype, fill)``: the value of an id never written.
+    ``columns`` maps a name to ``(dtype, fill)``: the value of an id never written; an id is
+    in use once column ``present`` differs from its fill. Every operation but a switch to
+    sparse storage (once) and a checkpoint touches only the ids it is given.
     """
 
-    def __init__(self, columns: dict[str, tuple[torch.dtype, float | int]], size: int = 0) -> None:
+    def __init__(self, columns: dict[str, tuple[torch.dtype, float | int]], size: int = 0, *, present: str) -> None:
         self._spec = columns
+        self._present = present
         self._size_hint = size
         self._count = 0  # ids written at least once (an upper bound while dense)
         self.keys: Tensor | None = None  # sorted ids, once sparse; None while dense
@@ -70,13 +83,16 @@ class IdTable:
         tables = list(self.cols.values()) + ([self.keys] if self.keys is not None else [])
         return sum(t.element_size() * t.numel() for t in tables)
 
-    def _to_sparse(self, written: Tensor) -> None:
-        self.keys = torch.nonzero(written).flatten()
+    def written(self) -> Tensor:
+        """A mask of the slots in use (a pass over the table: checkpoints only)."""
+        return self.cols[self._present] != self._spec[self._present][1]
+
+    def _to_sparse(self) -> None:
+        self.keys = torch.nonzero(self.written()).flatten()
         self.cols = {name: col[self.keys].clone() for name, col in self.cols.items()}
 
-    def slots(self, ids: Tensor, written: Tensor | None = None) -> Tensor:
-        """Slots for ``ids``, made where missing; ``written``: a mask of the slots in use, needed
-        only to switch to sparse storage."""
+    def slots(self, ids: Tensor) -> Tensor:
+        """Slots for ``ids``, made where missing."""
         if self.keys is None:
             top = int(ids.max()) if ids.numel() else -1
             if top < max(2 * max(self._size_hint, self._count), _DENSE_MIN):
@@ -84,7 +100,7 @@ class IdTable:
                     self.cols = {n: grown(c, top + 1, self._spec[n][1]) for n, c in self.cols.items()}
                 self._count = max(self._count, top + 1)
                 return ids
-            self._to_sparse(written if written is not None else torch.ones(len(self), dtype=torch.bool))
+            self._to_sparse()
         assert self.keys is not None
         new = torch.unique(ids)
         new = new[~torch.isin(new, self.keys)]
@@ -115,11 +131,29 @@ class IdTable:
         fill = torch.full((ids.numel(),), self._spec[name][1], dtype=self._spec[name][0])
         return torch.where(found, self.cols[name][slots], fill) if len(self) else fill
 
-    def items(self, written: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(ids, columns)`` of the slots in ``written`` (a mask over the table)."""
-        slots = torch.nonzero(written).flatten()
+    def items(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(ids, columns)`` of the slots in use."""
+        slots = torch.nonzero(self.written()).flatten()
         ids = slots if self.keys is None else self.keys[slots]
         return ids, {n: c[slots].clone() for n, c in self.cols.items()}
+
+    def saved(self) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The table as a checkpoint stores it: dense, the columns up to the last slot in use
+        and no ids (unused slots keep their fill value); sparse, the ids in use and their values."""
+        if self.keys is not None:
+            return self.items()
+        written = self.written()
+        top = int(torch.nonzero(written).max()) + 1 if bool(written.any()) else 0
+        return None, {n: c[:top].clone() for n, c in self.cols.items()}
+
+    def restore(self, ids: Tensor | None, cols: dict[str, Tensor]) -> None:
+        """Load what :meth:`saved` returned (``ids=None``: dense columns from id 0)."""
+        n = next(iter(cols.values())).numel()
+        if n == 0:
+            return
+        slots = self.slots(torch.arange(n) if ids is None else ids.long())
+        for name, values in cols.items():
+            self.cols[name][slots] = values.to(self.cols[name].dtype)
 
 
 class LossCache:
@@ -127,7 +161,7 @@ class LossCache:
     examples expected, if known (NOTE [ Dense or sparse ids ])."""
 
     def __init__(self, size: int = 0) -> None:
-        self._table = IdTable({"loss": (torch.float32, 0.0), "epoch": (torch.int32, _NEVER)}, size)
+        self._table = IdTable({"loss": (torch.float32, 0.0), "epoch": (torch.int32, _NEVER)}, size, present="epoch")
         self._per_epoch: dict[int, int] = {}  # epoch -> examples whose latest loss is from it
 
     def __len__(self) -> int:
@@ -147,7 +181,7 @@ class LossCache:
         ids = as_ids(ids)
         if ids.numel() == 0:
             return
-        slots = self._table.slots(ids, written=self._table.cols["epoch"] != _NEVER)
+        slots = self._table.slots(ids)
         self._count(self._table.cols["epoch"][torch.unique(slots)], epoch)
         self._table.cols["loss"][slots] = losses.detach().float().cpu().flatten()
         self._table.cols["epoch"][slots] = epoch
@@ -187,21 +221,19 @@ class LossCache:
         return sum(self._per_epoch.values())
 
     def state_dict(self) -> dict[str, Any]:
-        """The measured entries: ids (omitted when every id below the table's end is measured),
-        losses and epochs."""
-        written = self._table.cols["epoch"] != _NEVER
-        ids, cols = self._table.items(written)
-        dense_and_full = self._table.keys is None and bool(written.all())
-        return {"ids": None if dense_and_full else ids, "loss": cols["loss"], "epoch": cols["epoch"]}
+        """The measured entries in about 5 bytes each: ``float32`` losses, and epochs as
+        ``epoch - epoch_base + 1`` in the narrowest integer type (0: never measured); ids only
+        when they are sparse (NOTE [ Dense or sparse ids ])."""
+        ids, cols = self._table.saved()
+        base = self.oldest_epoch() if self._per_epoch else 0
+        measured = cols["epoch"] != _NEVER
+        offsets = torch.where(measured, cols["epoch"].long() - base + 1, 0)
+        return {"ids": ids, "loss": cols["loss"], "epoch": narrowest(offsets), "epoch_base": base}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._table = IdTable(dict(self._table._spec), self._table._size_hint)
-        loss, epoch = state["loss"].float(), state["epoch"].to(torch.int32)
-        ids = torch.arange(loss.numel()) if state["ids"] is None else state["ids"].long()
-        self._per_epoch = {}
-        if ids.numel():
-            slots = self._table.slots(ids, written=None)
-            self._table.cols["loss"][slots] = loss
-            self._table.cols["epoch"][slots] = epoch
-            values, counts = torch.unique(epoch, return_counts=True)
-            self._per_epoch = {int(e): int(c) for e, c in zip(values, counts) if int(e) != _NEVER}
+        self._table = IdTable(dict(self._table._spec), self._table._size_hint, present="epoch")
+        offsets = state["epoch"].long()
+        epoch = torch.where(offsets > 0, offsets + int(state["epoch_base"]) - 1, _NEVER).to(torch.int32)
+        self._table.restore(state["ids"], {"loss": state["loss"].float(), "epoch": epoch})
+        values, counts = torch.unique(epoch, return_counts=True)
+        self._per_epoch = {int(e): int(c) for e, c in zip(values, counts) if int(e) != _NEVER}

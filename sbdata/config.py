@@ -196,7 +196,7 @@ def check_keeps_rows(policy: Any, source_batch_size: int, keep: float) -> None:
         )
 
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def check_state(state: Any, fingerprint: dict[str, Any], world_size: int) -> None:

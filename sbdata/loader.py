@@ -170,7 +170,7 @@ class SelectiveBatchLoader:
         #: counters per epoch: loaded, scored, selected, yielded, ... (``sb.stats.current``)
         self.stats = LoaderStats()
         #: samples of losses selected and skipped, for :func:`sbdata.plot.selection_report`
-        self.selection_log = SelectionLog(seed=seed)
+        self.selection_log = SelectionLog(seed=seed, size=source.num_examples() or 0)
         self._handouts = HandoutQueue()
         self._epoch = 0
         self._live_ref: weakref.ref[EpochIterator] | None = None

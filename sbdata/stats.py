@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import IdTable
+from .cache import IdTable, narrowest
 
 __all__ = ["HISTORY_EPOCHS", "SAMPLED_EPOCHS", "EpochStats", "LoaderStats", "SelectionLog"]
 
@@ -112,11 +112,12 @@ class SelectionLog:
     loss of an epoch is equally likely to be in the sample.
     """
 
-    def __init__(self, max_samples: int = 4096, seed: int = 0) -> None:
+    def __init__(self, max_samples: int = 4096, seed: int = 0, size: int = 0) -> None:
         self.max_samples = max_samples
         self._reservoir: dict[int, list[tuple[Tensor, Tensor]]] = {}  # epoch -> [(losses, kept?)]
         self._seen: dict[int, list[int]] = {}  # epoch -> [losses seen, batches seen, sampled]
-        self._counts = _count_table()
+        self._size = size  # examples expected, if known: the count table is sized for them
+        self._counts = _count_table(size)
         self._generator = torch.Generator().manual_seed(seed)
 
     def observe(self, epoch: int, losses: Tensor, rows: Tensor, ids: Tensor | None) -> None:
@@ -124,7 +125,7 @@ class SelectionLog:
         self._sample(epoch, losses, rows)
         if ids is not None:
             ids = ids.cpu().long()
-            slots = self._counts.slots(ids, written=self._counts.cols["candidates"] > 0)
+            slots = self._counts.slots(ids)
             self._counts.cols["candidates"].index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
             kept = slots[rows.cpu()]
             self._counts.cols["kept"].index_add_(0, kept, torch.ones_like(kept, dtype=torch.int32))
@@ -167,7 +168,7 @@ class SelectionLog:
 
     def counts(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, candidacies, times kept)`` of every example that was ever a candidate."""
-        ids, cols = self._counts.items(self._counts.cols["candidates"] > 0)
+        ids, cols = self._counts.items()
         return ids, cols["candidates"], cols["kept"]
 
     def _dense(self, name: str) -> Tensor:
@@ -194,21 +195,23 @@ class SelectionLog:
         return {
             "reservoir": {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in self._reservoir.items()},
             "seen": {int(e): list(v) for e, v in self._seen.items()},
-            "counts": self.counts(),
+            "counts": self._saved_counts(),
             "generator": self._generator.get_state(),
         }
+
+    def _saved_counts(self) -> dict[str, Any]:
+        """Per-id counts in the narrowest integer type (a byte each while below 256)."""
+        ids, cols = self._counts.saved()
+        return {"ids": ids, "candidates": narrowest(cols["candidates"]), "kept": narrowest(cols["kept"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reservoir = {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in state["reservoir"].items()}
         self._seen = {int(e): list(v) for e, v in state["seen"].items()}
-        self._counts = _count_table()
-        ids, candidates, kept = state["counts"]
-        if ids.numel():
-            slots = self._counts.slots(ids.long())
-            self._counts.cols["candidates"][slots] = candidates
-            self._counts.cols["kept"][slots] = kept
+        self._counts = _count_table(self._size)
+        counts = state["counts"]
+        self._counts.restore(counts["ids"], {"candidates": counts["candidates"], "kept": counts["kept"]})
         self._generator.set_state(state["generator"])
 
 
-def _count_table() -> IdTable:
-    return IdTable({"candidates": (torch.int32, 0), "kept": (torch.int32, 0)})
+def _count_table(size: int = 0) -> IdTable:
+    return IdTable({"candidates": (torch.int32, 0), "kept": (torch.int32, 0)}, size, present="candidates")

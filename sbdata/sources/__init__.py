@@ -6,6 +6,11 @@
 * :class:`~sbdata.sources.iterable.IterableSource`: any re-iterable of batches;
   :class:`~sbdata.sources.iterable.StatefulSource` when it keeps its own position.
 * ``sbdata.sources.ffcv.FFCVSource``: an FFCV ``Loader`` (imported only when one is wrapped).
+* ``sbdata.sources.nodes.NodesSource``: a ``torchdata.nodes.Loader`` whose graph draws id batches
+  and then maps them (``sbdata.sources.nodes.nodes_pipeline`` builds one); imported only when one
+  is wrapped. A ``Loader`` of another shape is streamed with its own ``state_dict``.
+* :class:`~sbdata.sources.wids.WidsSource`: a map-style ``DataLoader`` drawing from a WebDataset
+  ``wids`` sampler.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .base import Source, close_iterator, default_batch_sizes, forward_set_epoch
 from .dataloader import DataLoaderSource, PlannedBatchSampler, rebuildable
 from .iterable import IterableSource, StatefulSource, is_stateful
+from .wids import WidsSource, wids_sampler
 
 __all__ = [
     "DataLoaderSource",
@@ -25,6 +31,7 @@ __all__ = [
     "PlannedBatchSampler",
     "Source",
     "StatefulSource",
+    "WidsSource",
     "close_iterator",
     "default_batch_sizes",
     "forward_set_epoch",
@@ -55,11 +62,23 @@ def make_source(loader: Any) -> Source:
         from .ffcv import FFCVSource
 
         return FFCVSource(loader)
+    if _is_nodes_loader(loader):
+        from .nodes import nodes_source
+
+        source = nodes_source(loader)
+        if source is not None:
+            return source
     if rebuildable(loader):
+        if wids_sampler(loader) is not None:
+            return WidsSource(loader)
         return DataLoaderSource(loader)  # type: ignore[arg-type]
     if is_stateful(loader):
         return StatefulSource(loader)
     return IterableSource(loader)
+
+
+def _is_nodes_loader(loader: Any) -> bool:
+    return any(cls.__module__.startswith("torchdata.nodes") and cls.__name__ == "Loader" for cls in type(loader).__mro__)
 
 
 def _is_ffcv_loader(loader: Any) -> bool:
