@@ -41,6 +41,7 @@ from .policies import Selection
 from .repack import Repacker
 from .schedule import is_interrupt_batch
 from .scoring import check_losses, score_batch
+from .sharded import ShardedLossCache
 from .stats import EpochStats
 
 if TYPE_CHECKING:
@@ -332,8 +333,12 @@ class EpochRun:
         # the closures must not refer to this run: the planner is kept by the run (no cycle)
         stats, generator, epoch = self.stats, self.generator, self.epoch
 
+        cache: Any = sb.cache
+        if isinstance(cache, ShardedLossCache):  # collective: this rank's candidates, from their owners
+            cache = cache.fetch(torch.cat(candidates) if candidates else torch.empty(0, dtype=torch.long))
+
         def select(ids: Tensor) -> Selection:
-            losses, _ = sb.cache.lookup(ids)  # every candidate was measured (see SelectiveBatchLoader.mode)
+            losses, _ = cache.lookup(ids)  # every candidate was measured (see SelectiveBatchLoader.mode)
             selection = sb.policy.select(losses, generator)
             stats.selected += selection.rows.numel()
             sb.selection_log.observe(epoch, losses, selection.rows, ids)

@@ -76,6 +76,7 @@ class LoaderConfig:
     autocast_dtype: torch.dtype | None = None
     nonfinite: str = "raise"
     seed: int = 0
+    shard_cache: bool = False
 
     def __post_init__(self) -> None:
         self._check_keep()
@@ -151,6 +152,13 @@ class LoaderConfig:
             raise ValueError(f"batch_size must be a positive int, got batch_size={size!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got seed={self.seed!r}")
+        if not isinstance(self.shard_cache, bool):
+            raise TypeError(f"shard_cache must be True or False, got shard_cache={self.shard_cache!r}")
+        if self.shard_cache and self.stale is None:
+            raise ValueError(
+                "shard_cache=True shards the loss cache of stale mode, but stale=None keeps no cache; "
+                "pass stale= (e.g. stale=3) or drop shard_cache="
+            )
 
     def fingerprint(self, num_examples: int | None, policy: Any) -> dict[str, Any]:
         """What a checkpoint must agree on to resume this configuration."""
@@ -164,6 +172,7 @@ class LoaderConfig:
             "interrupt": self.interrupt,
             "schedule": (self.epochs, self.start, self.end),
             "seed": self.seed,
+            "shard_cache": self.shard_cache,
         }
 
 
@@ -181,6 +190,12 @@ def resolve(config: LoaderConfig, source: Any, model_device: torch.device, loade
             f"stale={config.stale!r} needs example ids, and {loader_name} does not provide them; return "
             "each example's index from the dataset and pass index_key= (e.g. index_key=2 for "
             "(x, y, idx) batches), or wrap a plain map-style torch.utils.data.DataLoader"
+        )
+    if config.shard_cache and not (source.loads_ids and source.num_examples()):
+        raise ValueError(
+            f"shard_cache=True splits the ids 0..N-1 of a dataset between the ranks, and {loader_name} does not "
+            "load examples by dataset index; wrap a map-style DataLoader, an FFCV Loader or a torchdata.nodes "
+            "pipeline, or leave shard_cache=False (a replicated cache)"
         )
     last_batch = config.last_batch or ("drop" if source.drop_last() else "yield")
     return dataclasses.replace(config, batch_size=batch_size, last_batch=last_batch, device=config.device or model_device)

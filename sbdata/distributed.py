@@ -24,6 +24,8 @@ __all__ = [
     "all_gather_variable",
     "all_reduce_int",
     "equal_batch_counts",
+    "exchange",
+    "reply",
     "check_shared_id_space",
     "is_distributed",
     "rank",
@@ -133,6 +135,40 @@ def check_shared_id_space(candidates: int, num_examples: int | None) -> None:
             "example a global id (e.g. the rank's offset plus the local index) and pass index_key= to locate it "
             "in the batch"
         )
+
+
+def exchange(dest: Tensor, tensors: list[Tensor]) -> tuple[list[Tensor], tuple[list[int], list[int]]]:
+    """Send element ``i`` of every tensor in ``tensors`` to rank ``dest[i]``, with
+    ``all_to_all_single`` (one call per tensor, after one for the counts). Returns what this
+    rank received, in the order of the ranks that sent it (each sender's elements in their
+    order), and the ``(sent, received)`` counts per rank, for :func:`reply`."""
+    world = world_size()
+    order = torch.argsort(dest, stable=True)
+    sent = torch.bincount(dest, minlength=world)[:world] if dest.numel() else torch.zeros(world, dtype=torch.long)
+    if not is_distributed():
+        return [t[order] for t in tensors], (sent.tolist(), sent.tolist())
+    device = _comm_device()
+    received = torch.empty(world, dtype=torch.long, device=device)
+    dist.all_to_all_single(received, sent.to(device))
+    splits = (sent.tolist(), received.cpu().tolist())
+    return [_all_to_all(t[order], *splits) for t in tensors], splits
+
+
+def reply(tensors: list[Tensor], splits: tuple[list[int], list[int]]) -> list[Tensor]:
+    """Send answers back along an :func:`exchange`: ``tensors`` hold one answer per element
+    this rank received; each rank gets its answers in the order it sent the questions
+    (grouped by the rank that answered)."""
+    if not is_distributed():
+        return tensors
+    sent, received = splits
+    return [_all_to_all(t, received, sent) for t in tensors]
+
+
+def _all_to_all(t: Tensor, send: list[int], receive: list[int]) -> Tensor:
+    device = _comm_device()
+    out = torch.empty(sum(receive), dtype=t.dtype, device=device)
+    dist.all_to_all_single(out, t.contiguous().to(device), output_split_sizes=receive, input_split_sizes=send)
+    return out.cpu()
 
 
 def broadcast_tensor(t: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from .schedule import (
     training_progress,
 )
 from .scoring import LossFn, check_losses, per_example_loss
+from .sharded import ShardedLossCache, check_own_shard
 from .sources import make_source
 from .stats import LoaderStats, SelectionLog
 
@@ -117,6 +118,10 @@ class SelectiveBatchLoader:
         nonfinite: ``"raise"`` (default) on NaN or infinite losses, naming the example ids; or the
             explicit opt-in ``"lowest"`` / ``"highest"`` to rank them below or above every finite loss.
         seed: seed of the loader's own random draws (never the global RNG).
+        shard_cache: under ``torch.distributed``, shard the stale-mode loss cache across the
+            ranks (each holds ``1 / world`` of it) instead of keeping a copy on every rank.
+            Checkpoint it with :func:`sbdata.checkpoint.save` (every rank's shard, through
+            ``torch.distributed.checkpoint``); see the distributed docs for when it pays.
 
     The options are fixed after construction: setting one raises.
     """
@@ -146,12 +151,13 @@ class SelectiveBatchLoader:
         autocast_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
         seed: int = 0,
+        shard_cache: bool = False,
     ) -> None:
         keep = _keep_for(keep, policy)
         config = LoaderConfig(
             keep, loss_fn, score_fn, policy, batch_size, epochs, start, end, interrupt, scale_factor,
             stale, input_key, target_key, index_key, _device(device),
-            last_batch, scoring_mode, autocast_dtype, nonfinite, seed,
+            last_batch, scoring_mode, autocast_dtype, nonfinite, seed, shard_cache,
         )  # fmt: skip
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (the scorer), got {type(model).__name__}")
@@ -166,11 +172,16 @@ class SelectiveBatchLoader:
         )
         check_keeps_rows(self._policy, source.batch_size() or max(source.batch_sizes() or [0]), config.keep)
         #: per-example losses and the epoch each was measured in (stale mode)
-        self.cache = LossCache(source.num_examples() or 0 if config.stale is not None else 0)
+        self.cache: LossCache | ShardedLossCache = (
+            ShardedLossCache(source.num_examples() or 0)
+            if config.shard_cache
+            else LossCache(source.num_examples() or 0 if config.stale is not None else 0)
+        )
         #: counters per epoch: loaded, scored, selected, yielded, ... (``sb.stats.current``)
         self.stats = LoaderStats()
-        #: samples of losses selected and skipped, for :func:`sbdata.plot.selection_report`
-        self.selection_log = SelectionLog(seed=seed, size=source.num_examples() or 0)
+        #: samples of losses selected and skipped, for :func:`sbdata.plot.selection_report`;
+        #: per-example counts only with a replicated cache (they would be O(N) on every rank)
+        self.selection_log = SelectionLog(seed=seed, size=source.num_examples() or 0, per_example=not config.shard_cache)
         self._handouts = HandoutQueue()
         self._epoch = 0
         self._live_ref: weakref.ref[EpochIterator] | None = None
@@ -261,12 +272,17 @@ class SelectiveBatchLoader:
         if cfg.stale is None:
             return FRESH
         n = self._source.num_examples()
-        if candidates is None or (n and self.cache.known_count() >= n):  # every example known: the cache's counts, O(1)
-            oldest = self.cache.oldest_epoch() if n and self.cache.known_count() >= n else -1
+        every_one = bool(n) and self.cache.known_count() >= n  # every example has a loss: the counts answer, O(1)
+        if candidates is None or every_one:
+            oldest = self.cache.oldest_epoch() if every_one else -1
         else:
             flat = torch.cat(candidates) if isinstance(candidates, list) and candidates else candidates
             flat = flat if isinstance(flat, Tensor) else torch.empty(0, dtype=torch.long)
-            oldest = int(self.cache.measured_epoch(flat).min()) if flat.numel() else -1
+            if isinstance(self.cache, ShardedLossCache):  # collective: the owners answer
+                measured = self.cache.fetch(flat).epochs
+            else:
+                measured = self.cache.measured_epoch(flat)
+            oldest = int(measured.min()) if flat.numel() else -1
         first = first_active_epoch(cfg.epochs, cfg.start, cfg.end)
         due = epoch <= first if cfg.stale == "once" else (epoch - first) % cfg.stale == 0
         recent = oldest >= 0 and (cfg.stale == "once" or oldest > epoch - cfg.stale)
@@ -437,12 +453,15 @@ class SelectiveBatchLoader:
         once more when ``record()`` takes the last batch of an ended epoch (the training step of
         the last batch runs after the epoch ended), so every rank starts the next epoch, and
         rank 0 saves it, with the same cache."""
+        if isinstance(self.cache, ShardedLossCache):  # NOTE [ Sharded loss cache ]
+            self.cache.share()
+            return
         pending, self._pending = self._pending, []
         dist_utils.share_cache_updates(self.cache, pending)
 
     def _cache_update(self, ids: Tensor, losses: Tensor, epoch: int) -> None:
         self.cache.update(ids, losses, epoch)
-        if dist_utils.is_distributed():
+        if dist_utils.is_distributed() and not isinstance(self.cache, ShardedLossCache):
             self._pending.append((ids.cpu().long(), losses.detach().float().cpu(), epoch))
 
     # ------------------------------------------------------------------ checkpoints
@@ -490,6 +509,8 @@ class SelectiveBatchLoader:
         self._carried = state["carried"]
         self._source.load_state_dict(state["source"])
         if state["cache"] is not None:
+            if isinstance(self.cache, ShardedLossCache):
+                check_own_shard(state["cache"]["shard"])
             self.cache.load_state_dict(state["cache"])
         self._policy.load_state_dict(state["policy"])
         self.stats.load_state_dict(state["stats"])

@@ -112,18 +112,19 @@ class SelectionLog:
     loss of an epoch is equally likely to be in the sample.
     """
 
-    def __init__(self, max_samples: int = 4096, seed: int = 0, size: int = 0) -> None:
+    def __init__(self, max_samples: int = 4096, seed: int = 0, size: int = 0, per_example: bool = True) -> None:
         self.max_samples = max_samples
+        self.per_example = per_example  # keep the per-id counts
         self._reservoir: dict[int, list[tuple[Tensor, Tensor]]] = {}  # epoch -> [(losses, kept?)]
         self._seen: dict[int, list[int]] = {}  # epoch -> [losses seen, batches seen, sampled]
         self._size = size  # examples expected, if known: the count table is sized for them
-        self._counts = _count_table(size)
+        self._counts = _count_table(size if per_example else 0)
         self._generator = torch.Generator().manual_seed(seed)
 
     def observe(self, epoch: int, losses: Tensor, rows: Tensor, ids: Tensor | None) -> None:
         """Note that ``rows`` of the candidates ``losses`` (example ``ids``, if known) were kept."""
         self._sample(epoch, losses, rows)
-        if ids is not None:
+        if ids is not None and self.per_example:
             ids = ids.cpu().long()
             slots = self._counts.slots(ids)
             self._counts.cols["candidates"].index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
@@ -207,7 +208,7 @@ class SelectionLog:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reservoir = {int(e): [(l.clone(), c.clone()) for l, c in parts] for e, parts in state["reservoir"].items()}
         self._seen = {int(e): list(v) for e, v in state["seen"].items()}
-        self._counts = _count_table(self._size)
+        self._counts = _count_table(self._size if self.per_example else 0)
         counts = state["counts"]
         self._counts.restore(counts["ids"], {"candidates": counts["candidates"], "kept": counts["kept"]})
         self._generator.set_state(state["generator"])

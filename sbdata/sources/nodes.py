@@ -33,7 +33,7 @@ import contextlib
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -375,7 +375,7 @@ class NodesSource(Source):
         root = self._root
         started = False
 
-        def pairs() -> Iterator[tuple[Any, Tensor]]:
+        def pairs() -> Generator[tuple[Any, Tensor], None, None]:
             nonlocal started
             planned = iter(plan)
             waiting: collections.deque[Tensor] = collections.deque()
