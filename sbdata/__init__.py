@@ -5,6 +5,7 @@ of batches, scores each batch with a model, keeps the examples with the highest 
 re-packs them into full-size batches, so the training loop stays as it is.
 """
 
+from . import checkpoint
 from .cache import LossCache
 from .config import LoaderConfig
 from .loader import SelectiveBatchLoader
@@ -37,6 +38,7 @@ __all__ = [
     "SelectiveBatchLoader",
     "ThresholdPolicy",
     "TopKPolicy",
+    "checkpoint",
     "recipe",
 ]
 if __all__ != sorted(__all__):

@@ -299,6 +299,8 @@ class EpochRun:
                     "that saved the checkpoint, so the rest of the epoch would skip or repeat examples; "
                     "keep the loader's sampler, its seed and the dataset as they were when it was saved"
                 )
+        if not offset and sb._source.batch_sizes() is None:  # a sampler without len(): now its sizes are known
+            sb._source.observe_sizes([c.numel() for c in candidates])
         planner = self._planner(candidates, offset)
         if saved is not None:
             planner.load_state_dict(saved["planner"])
