@@ -365,7 +365,9 @@ class EpochRun:
             "planner": planner.state_dict(),
             "window": [e.state_dict() for e in self.window],
             "checksum": _checksum(planner.candidates) if reproducible and not planner.offset else None,
-            "candidates": None if reproducible and not planner.offset else planner.candidates[planner.next - planner.offset :],
+            "candidates": None if reproducible and not planner.offset else [
+                c.clone() for c in planner.candidates[planner.next - planner.offset :]
+            ],
         }
 
     def _streamed(self) -> Iterator[Any]:

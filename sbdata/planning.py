@@ -51,7 +51,9 @@ class PlanEntry:
     weights: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ids": self.ids, "passed": self.passed, "preselected": self.preselected, "weights": self.weights}
+        # clones: ids may be views into the epoch's whole order, which torch.save would write whole
+        weights = None if self.weights is None else self.weights.clone()
+        return {"ids": self.ids.clone(), "passed": self.passed, "preselected": self.preselected, "weights": weights}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PlanEntry:

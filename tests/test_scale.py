@@ -234,3 +234,30 @@ def test_each_rank_plans_only_its_own_share_of_a_stale_epoch():
     assert not set(a) & set(b) and set(a) <= set(r0["own"]) and set(b) <= set(r1["own"])
     assert len(set(a) | set(b)) == M // 2, "together they cover the whole selection: keep * N"
     assert max(r0["traffic"], r1["traffic"]) <= 256, "no ids cross between ranks, only a few counts"
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(
+    "make_sampler",
+    [
+        lambda data, g: torch.utils.data.SequentialSampler(data),
+        lambda data, g: torch.utils.data.RandomSampler(data, generator=g),
+        lambda data, g: torch.utils.data.RandomSampler(data, num_samples=2 * len(data) + 7, generator=g),
+        lambda data, g: torch.utils.data.RandomSampler(data, num_samples=5, generator=g),
+        lambda data, g: DistributedSampler(data, num_replicas=3, rank=2, shuffle=True, seed=5),
+        lambda data, g: DistributedSampler(data, num_replicas=4, rank=1, shuffle=False, drop_last=True),
+        lambda data, g: DistributedSampler(data, num_replicas=7, rank=6, shuffle=True, seed=1),
+    ],
+)
+@pytest.mark.parametrize("n", [1, 3, 50])
+def test_orders_drawn_in_one_tensor_are_exactly_what_the_samplers_yield(make_sampler, drop_last, n):
+    from sbdata.sources.dataloader import drawn_in_one
+
+    data = list(range(n))
+    sampler = make_sampler(data, torch.Generator().manual_seed(11))
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(3)
+    batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size=4, drop_last=drop_last)
+    fast = drawn_in_one(batch_sampler, torch.Generator().manual_seed(11))
+    assert fast is not None
+    assert [b.tolist() for b in fast] == [list(b) for b in batch_sampler]
