@@ -137,21 +137,26 @@ def check_shared_id_space(candidates: int, num_examples: int | None) -> None:
         )
 
 
-def exchange(dest: Tensor, tensors: list[Tensor]) -> tuple[list[Tensor], tuple[list[int], list[int]]]:
+def exchange(
+    dest: Tensor, tensors: list[Tensor], grouped: bool = False
+) -> tuple[list[Tensor], tuple[list[int], list[int]]]:
     """Send element ``i`` of every tensor in ``tensors`` to rank ``dest[i]``, with
     ``all_to_all_single`` (one call per tensor, after one for the counts). Returns what this
     rank received, in the order of the ranks that sent it (each sender's elements in their
-    order), and the ``(sent, received)`` counts per rank, for :func:`reply`."""
+    order), and the ``(sent, received)`` counts per rank, for :func:`reply`. ``grouped``:
+    ``dest`` is already ascending (no reordering needed)."""
     world = world_size()
-    order = torch.argsort(dest, stable=True)
     sent = torch.bincount(dest, minlength=world)[:world] if dest.numel() else torch.zeros(world, dtype=torch.long)
+    if not grouped:
+        order = torch.argsort(dest, stable=True)
+        tensors = [t[order] for t in tensors]
     if not is_distributed():
-        return [t[order] for t in tensors], (sent.tolist(), sent.tolist())
+        return tensors, (sent.tolist(), sent.tolist())
     device = _comm_device()
     received = torch.empty(world, dtype=torch.long, device=device)
     dist.all_to_all_single(received, sent.to(device))
     splits = (sent.tolist(), received.cpu().tolist())
-    return [_all_to_all(t[order], *splits) for t in tensors], splits
+    return [_all_to_all(t, *splits) for t in tensors], splits
 
 
 def reply(tensors: list[Tensor], splits: tuple[list[int], list[int]]) -> list[Tensor]:

@@ -58,9 +58,11 @@ def shard_range(num_examples: int, world: int, rank: int) -> tuple[int, int]:
 class Fetched:
     """Losses and epochs of a set of ids, fetched once for a stale epoch's planning."""
 
-    def __init__(self, ids: Tensor, losses: Tensor, epochs: Tensor) -> None:
-        order = torch.argsort(ids)
-        self.ids, self.losses, self.epochs = ids[order], losses[order], epochs[order]
+    def __init__(self, ids: Tensor, losses: Tensor, epochs: Tensor, sorted: bool = False) -> None:
+        if not sorted:
+            order = torch.argsort(ids)
+            ids, losses, epochs = ids[order], losses[order], epochs[order]
+        self.ids, self.losses, self.epochs = ids, losses, epochs
 
     def lookup(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(losses, known)`` of ``ids`` (each must have been fetched)."""
@@ -113,7 +115,8 @@ class ShardedLossCache:
         pending, self._pending = self._pending, []
         ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
         losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
-        epochs = torch.cat([torch.full_like(p[0], p[2]) for p in pending]) if pending else torch.empty(0, dtype=torch.long)
+        epochs = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
+        epochs = torch.cat(epochs) if epochs else torch.empty(0, dtype=torch.int32)
         self._check_ids(ids)
         (got_ids, got_losses, got_epochs), _ = dist_utils.exchange(self._owner(ids), [ids, losses, epochs])
         for epoch in torch.unique(got_epochs).tolist():
@@ -148,12 +151,12 @@ class ShardedLossCache:
         """Collective: the losses of ``ids`` (this rank's candidates) from their owners."""
         ids = as_ids(ids)
         self._check_ids(ids)
-        owner = self._owner(ids)
-        (asked,), splits = dist_utils.exchange(owner, [ids])
+        ids = torch.sort(ids).values  # sorted ids are grouped by owner (contiguous ranges) and ready to search
+        (asked,), splits = dist_utils.exchange(self._owner(ids), [ids], grouped=True)
         losses, _ = self.local.lookup(asked - self.start)
-        epochs = self.local.measured_epoch(asked - self.start).long()
+        epochs = self.local.measured_epoch(asked - self.start)
         back_losses, back_epochs = dist_utils.reply([losses, epochs], splits)
-        self.fetched = Fetched(ids[torch.argsort(owner, stable=True)], back_losses, back_epochs)
+        self.fetched = Fetched(ids, back_losses, back_epochs, sorted=True)
         return self.fetched
 
     def lookup(self, ids: Tensor) -> tuple[Tensor, Tensor]:
