@@ -62,11 +62,11 @@ class Fetched:
         if not sorted:
             order = torch.argsort(ids)
             ids, losses, epochs = ids[order], losses[order], epochs[order]
-        self.ids, self.losses, self.epochs = ids, losses, epochs
+        self.ids, self.losses, self.epochs = ids.contiguous(), losses, epochs
 
     def lookup(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(losses, known)`` of ``ids`` (each must have been fetched)."""
-        slots = torch.searchsorted(self.ids, as_ids(ids)).clamp(max=max(self.ids.numel() - 1, 0))
+        slots = torch.searchsorted(self.ids, as_ids(ids).contiguous()).clamp(max=max(self.ids.numel() - 1, 0))
         return self.losses[slots], self.epochs[slots] >= 0
 
 
