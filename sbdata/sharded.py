@@ -115,8 +115,8 @@ class ShardedLossCache:
         pending, self._pending = self._pending, []
         ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
         losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
-        epochs = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
-        epochs = torch.cat(epochs) if epochs else torch.empty(0, dtype=torch.int32)
+        parts = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
+        epochs = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
         self._check_ids(ids)
         (got_ids, got_losses, got_epochs), _ = dist_utils.exchange(self._owner(ids), [ids, losses, epochs])
         for epoch in torch.unique(got_epochs).tolist():

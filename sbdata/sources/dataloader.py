@@ -220,9 +220,9 @@ def drawn_in_one(batch_sampler: Any, generator: torch.Generator) -> list[Tensor]
         return None
     sampler, order = batch_sampler.sampler, None
     if type(sampler) is SequentialSampler:
-        order = torch.arange(len(sampler.data_source))  # type: ignore[arg-type]
+        order = torch.arange(len(sampler.data_source))
     elif type(sampler) is RandomSampler and not sampler.replacement:
-        n, wanted = len(sampler.data_source), sampler.num_samples  # type: ignore[arg-type]
+        n, wanted = len(sampler.data_source), sampler.num_samples
         if n == 0:
             return []
         parts = [torch.randperm(n, generator=generator) for _ in range(wanted // n)]
