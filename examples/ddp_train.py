@@ -153,5 +153,6 @@ if args.dump_ids:  # for tests: which examples each rank trained on, batch by ba
             json.dump({"world_size": world, "ranks": everyone}, f)
 if rank == 0:
     print(f"{world} ranks: test accuracy {accuracy:.3f}, training {elapsed:.1f} s")
+dist.barrier()  # every rank done with the process group before any rank tears it down
 gc.collect()  # free what still refers to the process group first: gloo can abort at exit otherwise
 dist.destroy_process_group()
