@@ -17,8 +17,11 @@ batch): a mid-epoch position belongs to one rank and one world size, so it is re
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,7 +48,8 @@ def save(sb: Any, path: str | os.PathLike[str]) -> None:
     contents: dict[str, Any] = {"cache": {"loss": _global(losses, cache), "epoch": _global(epochs, cache)}}
     if dist_utils.rank() == 0:  # one copy of what every rank shares
         contents["meta"] = _pickled({**state, "cache": None})
-    dcp.save(contents, checkpoint_id=os.fspath(path), no_dist=not dist_utils.is_distributed())
+    with _single_process_quietly():
+        dcp.save(contents, checkpoint_id=os.fspath(path), no_dist=not dist_utils.is_distributed())
 
 
 def load(sb: Any, path: str | os.PathLike[str]) -> None:
@@ -59,11 +63,21 @@ def load(sb: Any, path: str | os.PathLike[str]) -> None:
         "cache": {"loss": _global(losses, cache), "epoch": _global(epochs, cache)},
         "meta": io.BytesIO(),
     }
-    dcp.load(contents, checkpoint_id=os.fspath(path), no_dist=not dist_utils.is_distributed())
+    with _single_process_quietly():
+        dcp.load(contents, checkpoint_id=os.fspath(path), no_dist=not dist_utils.is_distributed())
     contents["meta"].seek(0)
     state = torch.load(contents["meta"], weights_only=True)
     sb.load_state_dict(state)  # everything but the cache (saved as None)
     cache.load_dense(_local(contents["cache"]["loss"]), _local(contents["cache"]["epoch"]))
+
+
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """DCP warns that it assumes a single process when torch.distributed is not initialized;
+    here that is the intent (``no_dist``), so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _sharded_cache(sb: Any, verb: str) -> ShardedLossCache:
