@@ -19,25 +19,16 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
-from sbdata import SelectiveBatchLoader
 from sbdata.sources.dataloader import epoch_order_generator
 
-from .conftest import Echo, IndexedPairs, id_loss, loss_from_x, selected_ids
+from .conftest import IndexedPairs, id_loss, selected_ids
+from .test_stale import make
 
 nodes = pytest.importorskip("torchdata.nodes")
 from sbdata.sources.nodes import NodesSource, PlannedIds, nodes_pipeline  # noqa: E402  (needs torchdata)
 
 N = 96
 B = 8
-
-
-def make(loader, **kw):
-    scorer = Echo()
-    kw.setdefault("keep", 0.5)
-    kw.setdefault("stale", 3)
-    kw.setdefault("loss_fn", loss_from_x)
-    kw.setdefault("policy", "topk")
-    return SelectiveBatchLoader(loader, scorer, **kw), scorer
 
 
 def run_epoch(sb):

@@ -29,7 +29,7 @@ import collections
 import contextlib
 import inspect
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,7 +38,15 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Itera
 
 from .base import Source, close_iterator, dataloader_batch_sizes, forward_set_epoch
 
-__all__ = ["DataLoaderSource", "PlannedBatchSampler", "epoch_order_generator", "rebuildable"]
+__all__ = [
+    "DataLoaderSource",
+    "PlannedBatchSampler",
+    "drawn_in_one",
+    "drawn_with",
+    "epoch_order_generator",
+    "order_seed",
+    "rebuildable",
+]
 
 
 class PlannedBatchSampler:
@@ -148,7 +156,7 @@ class DataLoaderSource(Source):
         self.loader.generator = torch.Generator()  # NOTE [ Orders that resume ]: worker base seeds
         release_workers(loader)
         self._random = _random_sampler(loader.batch_sampler)
-        self.order_seed = _order_seed(self._random)
+        self.order_seed = order_seed(self._random)
         self._epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -177,14 +185,7 @@ class DataLoaderSource(Source):
         fast = drawn_in_one(self.sampler.inner, generator)
         if fast is not None:
             return fast
-        if random is None:
-            return [torch.as_tensor(b, dtype=torch.long) for b in self.sampler.inner]
-        saved = random.generator
-        random.generator = generator
-        try:
-            return [torch.as_tensor(b, dtype=torch.long) for b in self.sampler.inner]
-        finally:
-            random.generator = saved
+        return drawn_with(random, generator, lambda: [torch.as_tensor(b, dtype=torch.long) for b in self.sampler.inner])
 
     @contextlib.contextmanager
     def epoch(self) -> Iterator[Iterator[tuple[Any, Tensor | None]]]:
@@ -208,6 +209,19 @@ class DataLoaderSource(Source):
         finally:
             close_iterator(it)
             self.sampler.end_pass()
+
+
+def drawn_with(random: Any, generator: torch.Generator, draw: Callable[[], list[Tensor]]) -> list[Tensor]:
+    """``draw()`` with the ``random`` sampler (``None``: none draws at random) drawing from
+    ``generator`` instead of its own, which is given back afterwards (NOTE [ Orders that resume ])."""
+    if random is None:
+        return draw()
+    saved = random.generator
+    random.generator = generator
+    try:
+        return draw()
+    finally:
+        random.generator = saved
 
 
 def drawn_in_one(batch_sampler: Any, generator: torch.Generator) -> list[Tensor] | None:
@@ -258,7 +272,8 @@ def _random_sampler(batch_sampler: Any) -> Any:
     return sampler if sampler is not None and hasattr(sampler, "generator") else None
 
 
-def _order_seed(sampler: Any) -> int:
+def order_seed(sampler: Any) -> int:
+    """The seed of a random sampler's epoch orders (NOTE [ Orders that resume ]); 0 without one."""
     if sampler is None:
         return 0
     if isinstance(sampler.generator, torch.Generator):

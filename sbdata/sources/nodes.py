@@ -50,7 +50,7 @@ from torch.utils.data import (
 from torchdata import nodes
 
 from .base import Source, default_batch_sizes
-from .dataloader import epoch_order_generator
+from .dataloader import drawn_with, epoch_order_generator, order_seed
 
 __all__ = ["LoadBatch", "NodesSource", "PlannedIds", "nodes_pipeline", "nodes_source"]
 
@@ -266,7 +266,7 @@ class NodesSource(Source):
         self._ahead = _in_flight(graph.above)
         _stop_threads(loader.root)  # a pass of the user's own graph that was started: one pool of workers
         self._random = _random_sampler(graph.sampler)
-        self.order_seed = _order_seed(self._random)
+        self.order_seed = order_seed(self._random)
         self._epoch = 0
 
     @property
@@ -352,15 +352,7 @@ class NodesSource(Source):
     def candidates(self) -> list[Tensor]:
         """This epoch's id batches, as the user's sampler draws them (``Batcher``'s cut), from a
         generator seeded by the epoch where it draws at random (NOTE [ Orders that resume ])."""
-        random = self._random
-        if random is None:
-            return list(self._draw())
-        saved = random.generator
-        random.generator = epoch_order_generator(self.order_seed, self._epoch)
-        try:
-            return list(self._draw())
-        finally:
-            random.generator = saved
+        return drawn_with(self._random, epoch_order_generator(self.order_seed, self._epoch), lambda: list(self._draw()))
 
     @contextlib.contextmanager
     def epoch(self) -> Iterator[Iterator[tuple[Any, Tensor | None]]]:
@@ -428,12 +420,6 @@ def _random_sampler(sampler: Any) -> Any:
     return None
 
 
-def _order_seed(sampler: Any) -> int:
-    if sampler is None:
-        return 0
-    if isinstance(sampler.generator, torch.Generator):
-        return int(sampler.generator.initial_seed())
-    return int(torch.empty((), dtype=torch.int64).random_().item())  # one draw, at wrapping time
 
 
 def nodes_source(loader: Any) -> NodesSource | None:
