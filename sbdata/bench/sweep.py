@@ -1,4 +1,7 @@
-"""The recipe search behind ``sbdata.recipe``: variants of the recipes on MNIST-1D, side by side.
+"""The earlier recipe search on MNIST-1D alone: variants of the recipes, side by side.
+
+The recipes are now chosen on the whole suite with ``python -m sbdata.bench.suite_sweep``;
+this MNIST-1D sweep (two runs at a time) is kept for its finer grid.
 
     python -m sbdata.bench.sweep --out runs/sweep          # ~8 min on a 2-core CPU
     python -m sbdata.bench.sweep --quick --out /tmp/sweep  # a few seconds
@@ -38,9 +41,10 @@ def variant(
 
 #: name -> (kwargs, epoch budget as a multiple of plain training's)
 VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
-    # around "lossless" (InfoBatch-style: every above-mean example, the rest of half of each
-    # batch drawn from the below-mean ones and up-weighted, all data for the last 1/8, 1.5x)
-    "infobatch0.5-end.875-x1.5 (lossless)": variant(0.5, 1.5, policy="infobatch", end=0.875),
+    # around "lossless" (InfoBatch-style: every above-mean example, the rest of each batch's
+    # keep drawn from the below-mean ones and up-weighted, a final full-data phase)
+    "infobatch0.4-end.875-x1.25 (lossless)": variant(0.4, 1.25, policy="infobatch", end=0.875),
+    "infobatch0.5-end.875-x1.5": variant(0.5, 1.5, policy="infobatch", end=0.875),
     "infobatch0.5-end.875-x1.25": variant(0.5, 1.25, policy="infobatch", end=0.875),
     "infobatch0.4-end.875-x1.5": variant(0.4, 1.5, policy="infobatch", end=0.875),
     "infobatch0.4-x1.5": variant(0.4, 1.5, policy="infobatch"),
@@ -59,8 +63,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
     "keep0.3-int8-x1.5-rescore4": variant(0.3, 1.5, 8, stale=4),
     "keep0.2-x1.75": variant(0.2, 1.75),
     "keep0.1-x3": variant(0.1, 3.0),
-    # around "fast" (rank, keep 0.12, 1.5x)
-    "keep0.12-x1.5 (fast)": variant(0.12, 1.5),
+    # around "fast" (rank, a final full-data phase, plain's budget)
+    "keep0.2-end.9-x1 (fast)": variant(0.2, 1.0, end=0.9),
+    "keep0.12-x1.5": variant(0.12, 1.5),
     "keep0.1-x1.5": variant(0.1, 1.5),
     "keep0.1-x1.75": variant(0.1, 1.75),
     "keep0.15-int8-x1": variant(0.15, 1.0, 8),
