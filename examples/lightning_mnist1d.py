@@ -46,7 +46,7 @@ from sbdata.integrations.lightning import SelectiveBackprop
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=None,
-                    help="plain training's epoch budget (default 8; 2 with --smoke); a recipe trains for its own "
+                    help="plain training's epoch budget (default 8; 3 with --smoke); a recipe trains for its own "
                          "multiple of it (lossless, fast: 1.5x)")
 parser.add_argument("--recipe", default="lossless", help="sbdata.recipe name, or 'none' for plain selection")
 parser.add_argument("--keep", type=float, default=None,
@@ -56,12 +56,12 @@ parser.add_argument("--resume", default=None, metavar="PATH", help="a checkpoint
 parser.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and selection")
 parser.add_argument("--data-dir", default=None, help="MNIST-1D cache directory (default ~/.cache/sbdata)")
 parser.add_argument("--out-dir", default="runs/lightning_mnist1d", help="checkpoints and logs")
-parser.add_argument("--smoke", action="store_true", help="tiny run for tests: 1000 examples, 2 plain epochs")
+parser.add_argument("--smoke", action="store_true", help="tiny run for tests: 1000 examples, 3 plain epochs")
 args = parser.parse_args()
 
 hyp = {
     "num_samples": 1000 if args.smoke else 60000,  # train + test; 80 % is training data
-    "plain_epochs": args.epochs or (2 if args.smoke else 8),
+    "plain_epochs": args.epochs or (3 if args.smoke else 8),
     "batch_size": 128,
     "lr": 3e-3,  # Adam's peak LR in a one-cycle schedule
     "weight_decay": 1e-4,
