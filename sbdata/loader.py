@@ -93,7 +93,8 @@ class SelectiveBatchLoader:
             it runs under ``torch.no_grad()``, ``scoring_mode`` and ``autocast_dtype``, and the
             model's modes and BatchNorm buffers are restored afterwards, as for the built-in pass.
         policy: ``"rank"`` (default, Composer), ``"threshold"`` (the paper), ``"topk"``,
-            ``"infobatch"``, ``"random"`` (the control), or a :class:`~sbdata.policies.SelectionPolicy`.
+            ``"infobatch"`` (count-exact), ``"infobatch-prune"`` (InfoBatch's published draw: a
+            variable count), ``"random"`` (the control), or a :class:`~sbdata.policies.SelectionPolicy`.
         batch_size: size of the yielded batches; default the source loader's ``batch_size``.
         epochs: total training epochs; needed for ``start``/``end`` and :meth:`total_steps`.
         start: selection is active while ``epoch / epochs`` is in ``[start, end)``.

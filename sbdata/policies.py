@@ -544,12 +544,20 @@ class InfoBatchPolicy(_HistoryPolicy):
         )
 
 
-POLICIES: dict[str, type[BasePolicy]] = {
+def _infobatch_prune(keep: float) -> InfoBatchPolicy:
+    """InfoBatch's published draw by name: every example at or above the mean loss kept, each
+    below-mean one dropped with probability ``1 - keep`` (kept ones weighted ``1 / keep``)."""
+    return InfoBatchPolicy(keep, count="bernoulli")
+
+
+#: names accepted as ``policy=``: each builds its policy from ``keep``
+POLICIES: dict[str, Callable[[float], BasePolicy]] = {
     "rank": RankPolicy,
     "threshold": ThresholdPolicy,
     "topk": TopKPolicy,
     "random": RandomPolicy,
     "infobatch": InfoBatchPolicy,
+    "infobatch-prune": _infobatch_prune,
 }
 
 
@@ -561,7 +569,7 @@ def make_policy(policy: str | SelectionPolicy, keep: float) -> SelectionPolicy:
             raise ValueError(
                 f"policy must be one of {sorted(POLICIES)} or a policy object, got policy={policy!r}"
             )
-        return POLICIES[policy](keep)  # type: ignore[call-arg]
+        return POLICIES[policy](keep)
     missing = _missing_members(policy)
     if missing or not isinstance(policy, SelectionPolicy):
         raise TypeError(

@@ -621,10 +621,12 @@ def test_load_state_dict_rejects_a_state_without_a_history(cls):
 
 
 def test_policy_names_map_to_their_classes():
-    assert set(POLICIES) == {"rank", "threshold", "topk", "random", "infobatch"}
+    assert set(POLICIES) == {"rank", "threshold", "topk", "random", "infobatch", "infobatch-prune"}
     for name, cls in POLICIES.items():
         policy = make_policy(name, 0.5)
-        assert type(policy) is cls and policy.keep == 0.5
+        assert type(policy) is (InfoBatchPolicy if name == "infobatch-prune" else cls) and policy.keep == 0.5
+    prune = make_policy("infobatch-prune", 0.4)
+    assert not prune.exact and prune.prune == pytest.approx(0.6) and prune.count(10) == 10
     custom = TopKPolicy(0.3)
     assert make_policy(custom, 0.5) is custom
 
