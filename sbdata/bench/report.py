@@ -205,7 +205,7 @@ def plot(studies: dict[str, dict[str, Any]], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
