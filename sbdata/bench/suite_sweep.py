@@ -53,6 +53,9 @@ CANDIDATES: dict[str, tuple[dict[str, Any], float]] = {
     "rank0.2-x1": (dict(keep=0.2, policy="rank", stale="once", start=0.04), 1.0),
     "rank0.12-x1.25": (dict(keep=0.12, policy="rank", stale="once", start=0.04), 1.25),
     "rank0.2-end.9-x1": (dict(keep=0.2, policy="rank", stale="once", start=0.04, end=0.9), 1.0),
+    # fifth round: InfoBatch's own draw (every above-mean example kept), by name
+    "ibprune0.5-end.875-x1": (dict(keep=0.5, policy="infobatch-prune", stale="once", start=0.04, end=0.875), 1.0),
+    "ibprune0.3-end.875-x1": (dict(keep=0.3, policy="infobatch-prune", stale="once", start=0.04, end=0.875), 1.0),
     # second round, after the first on seed 0
     "ib0.5-end.875-x1": (dict(keep=0.5, policy="infobatch", stale="once", start=0.04, end=0.875), 1.0),
     "ib0.5-end.75-x1": (dict(keep=0.5, policy="infobatch", stale="once", start=0.04, end=0.75), 1.0),
