@@ -12,8 +12,8 @@ the same weights.
 
 The selective run is the same `Trainer` set-up with `SelectiveTrainer(..., selective=...)`:
 by default the "fast" recipe (`sbdata.recipe("fast", plain_epochs)`: one plain warm-up epoch,
-then the highest-loss 12 % of every batch, from losses the training steps hand back, over
-1.5x the epochs). Every batch has the same length (`padding="max_length"`), which selection
+then a rank-weighted draw of 20 % of every batch favouring high losses, from losses the
+training steps hand back, over plain training's epochs, the last tenth on all the data). Every batch has the same length (`padding="max_length"`), which selection
 needs: kept rows of several batches are re-packed into one.
 """
 

@@ -47,7 +47,7 @@ from sbdata.integrations.lightning import SelectiveBackprop
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=None,
                     help="plain training's epoch budget (default 8; 3 with --smoke); a recipe trains for its own "
-                         "multiple of it (lossless, fast: 1.5x)")
+                         "multiple of it (see sbdata.recipes)")
 parser.add_argument("--recipe", default="lossless", help="sbdata.recipe name, or 'none' for plain selection")
 parser.add_argument("--keep", type=float, default=None,
                     help="fraction of each batch kept (default: the recipe's; 0.5 with --recipe none)")

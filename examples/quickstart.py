@@ -7,7 +7,7 @@
 Both runs start from the same weights and data order. The selective run wraps the training
 DataLoader in SelectiveBatchLoader with a measured recipe (`sbdata.recipe("lossless", 8)`: one
 plain warm-up epoch, then the above-mean-loss examples of each batch topped up with a random,
-up-weighted draw of the others, over 1.5x the epochs); the loop hands each batch's per-example
+up-weighted draw of the others, over 1.25x the epochs); the loop hands each batch's per-example
 losses back with `record()`, which returns them weighted, so no extra scoring pass ever runs
 and skipped examples are never even loaded. Measured figures: docs/index.md.
 
