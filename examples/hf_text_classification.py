@@ -13,8 +13,9 @@ the same weights.
 The selective run is the same `Trainer` set-up with `SelectiveTrainer(..., selective=...)`:
 by default the "fast" recipe (`sbdata.recipe("fast", plain_epochs)`: one plain warm-up epoch,
 then a rank-weighted draw of 20 % of every batch favouring high losses, from losses the
-training steps hand back, over plain training's epochs, the last tenth on all the data). Every batch has the same length (`padding="max_length"`), which selection
-needs: kept rows of several batches are re-packed into one.
+training steps hand back, over plain training's epochs, the last tenth on all the data).
+Every batch has the same length (`padding="max_length"`), which selection needs: kept rows
+of several batches are re-packed into one.
 """
 
 import argparse
