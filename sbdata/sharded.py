@@ -99,8 +99,18 @@ class ShardedLossCache:
 
     # ------------------------------------------------------------------ updates
 
+    def _check_world(self) -> None:
+        world, rank = dist_utils.world_size(), dist_utils.rank()
+        if (world, rank) != (self.world, self.rank):
+            raise RuntimeError(
+                f"shard_cache=True split the loss cache for rank {self.rank} of {self.world} when the loader was "
+                f"built, but this is rank {rank} of {world}: build the SelectiveBatchLoader after "
+                "torch.distributed.init_process_group()"
+            )
+
     def update(self, ids: Tensor, losses: Tensor, epoch: int) -> None:
         """Queue an update for its owner (applied at the next :meth:`share`; at once on one process)."""
+        self._check_world()
         ids, losses = as_ids(ids), losses.detach().float().cpu().flatten()
         if not dist_utils.is_distributed():
             self._check_ids(ids)
@@ -149,6 +159,7 @@ class ShardedLossCache:
 
     def fetch(self, ids: Tensor) -> Fetched:
         """Collective: the losses of ``ids`` (this rank's candidates) from their owners."""
+        self._check_world()
         ids = as_ids(ids)
         self._check_ids(ids)
         ids = torch.sort(ids).values  # sorted ids are grouped by owner (contiguous ranges) and ready to search

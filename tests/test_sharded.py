@@ -117,3 +117,29 @@ def test_two_ranks_with_a_sharded_cache_select_alike_save_with_dcp_and_resume_on
     assert shard_range(N, 1, 0) == (0, N)
     batches = [idx for _, _, idx in one]
     assert sum(b.numel() for b in batches) == N // 2 and one.stats.history[-1].mode == "stale"
+
+
+def _built_before_init_worker(rank: int, world: int) -> str:
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    dist.destroy_process_group()  # build the loader as a single process would
+    loader = DataLoader(IndexedPairs(32), batch_size=8)
+    sb = SelectiveBatchLoader(loader, Echo(), keep=0.5, loss_fn=loss_from_x, stale=2, shard_cache=True)
+    del group
+    import datetime
+    import os
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30),
+                            init_method=f"tcp://127.0.0.1:{int(os.environ['MASTER_PORT']) + 1}")  # fmt: skip
+    try:
+        next(iter(sb))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_a_sharded_loader_built_before_init_process_group_is_refused():
+    for message in run_on_two_ranks(_built_before_init_worker):
+        assert "build the SelectiveBatchLoader after" in message and "rank 0 of 1" in message
