@@ -143,3 +143,22 @@ def _built_before_init_worker(rank: int, world: int) -> str:
 def test_a_sharded_loader_built_before_init_process_group_is_refused():
     for message in run_on_two_ranks(_built_before_init_worker):
         assert "build the SelectiveBatchLoader after" in message and "rank 0 of 1" in message
+
+
+def test_sbdata_checkpoint_refuses_a_replicated_cache_and_a_mid_epoch_position(tmp_path):
+    replicated = make(0, 1, shard=False)
+    with pytest.raises(ValueError, match="is for SelectiveBatchLoader\\(..., shard_cache=True\\)"):
+        sb_checkpoint.save(replicated, tmp_path / "a")
+    sharded = make(0, 1, shard=True)
+    it = iter(sharded)
+    next(it)
+    with pytest.raises(ValueError, match="takes epoch-boundary checkpoints, and epoch 0 is in progress"):
+        sb_checkpoint.save(sharded, tmp_path / "b")
+    for _ in it:  # the rest of the epoch: now it saves
+        pass
+    sb_checkpoint.save(sharded, tmp_path / "b")
+    other = SelectiveBatchLoader(
+        DataLoader(IndexedPairs(N), batch_size=16), Echo(), loss_fn=loss_from_x, shard_cache=True, **{**CONFIG, "keep": 0.25}
+    )
+    with pytest.raises(ValueError, match="keep=0.5 but this loader has keep=0.25"):
+        sb_checkpoint.load(other, tmp_path / "b")
