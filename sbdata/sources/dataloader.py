@@ -240,7 +240,9 @@ def drawn_in_one(batch_sampler: Any, generator: torch.Generator) -> list[Tensor]
         if n == 0:
             return []
         parts = [torch.randperm(n, generator=generator) for _ in range(wanted // n)]
-        order = torch.cat(parts + [torch.randperm(n, generator=generator)[: wanted % n]])
+        if wanted % n:  # (RandomSampler draws this last permutation even when it takes none of it)
+            parts.append(torch.randperm(n, generator=generator)[: wanted % n])
+        order = torch.cat(parts)
     elif type(sampler) is DistributedSampler:
         order = _distributed_order(sampler)
     if order is None:
