@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import distributed as dist_utils
 from .batches import batch_length, get_field, to_device
-from .cache import as_ids
+from .cache import as_ids, concat_ids
 from .planning import CandidatePlanner, PlanEntry, StalePlanner
 from .policies import Selection
 from .repack import Repacker
@@ -196,6 +196,7 @@ class EpochRun:
         self.yielded: int = resume["yielded"] if resume else 0
         self.consumed: int = resume["consumed"] if resume else 0
         self._saved_plan: dict[str, Any] | None = resume["plan"] if resume else None
+        self._order_checksum: int | None = None  # of this epoch's candidates, once a checkpoint needed it
         self.planner: CandidatePlanner | StalePlanner | None = None
         self.window: collections.deque[PlanEntry] = collections.deque(
             PlanEntry.from_state(e) for e in (self._saved_plan["window"] if self._saved_plan else [])
@@ -293,7 +294,7 @@ class EpochRun:
             candidates, offset = list(saved["candidates"]), int(saved["planner"]["next"])
         elif candidates is None:
             candidates = sb._source.candidates()
-            if saved is not None and saved["checksum"] != _checksum(candidates):
+            if saved is not None and saved["checksum"] != self._checksum_of(candidates):
                 raise RuntimeError(
                     f"resuming epoch {self.epoch}: the source drew another order of id batches than the run "
                     "that saved the checkpoint, so the rest of the epoch would skip or repeat examples; "
@@ -337,7 +338,7 @@ class EpochRun:
 
         cache: Any = sb.cache
         if isinstance(cache, ShardedLossCache):  # collective: this rank's candidates, from their owners
-            cache = cache.fetch(torch.cat(candidates) if candidates else torch.empty(0, dtype=torch.long))
+            cache = cache.fetch(concat_ids(candidates))
 
         def select(ids: Tensor) -> Selection:
             losses, _ = cache.lookup(ids)  # every candidate was measured (see SelectiveBatchLoader.mode)
@@ -360,15 +361,19 @@ class EpochRun:
         planner = self.planner
         if planner is None:
             return self._saved_plan if not self._started else None
-        reproducible = self._sb._source.reproducible_order
+        redrawn = self._sb._source.reproducible_order and not planner.offset  # resume draws the order again
         return {
             "planner": planner.state_dict(),
             "window": [e.state_dict() for e in self.window],
-            "checksum": _checksum(planner.candidates) if reproducible and not planner.offset else None,
-            "candidates": None if reproducible and not planner.offset else [
-                c.clone() for c in planner.candidates[planner.next - planner.offset :]
-            ],
+            "checksum": self._checksum_of(planner.candidates) if redrawn else None,
+            "candidates": None if redrawn else [c.clone() for c in planner.candidates[planner.next - planner.offset :]],
         }
+
+    def _checksum_of(self, candidates: list[Tensor]) -> int:
+        """:func:`_checksum` of this epoch's candidates, computed once per epoch (O(N))."""
+        if self._order_checksum is None:
+            self._order_checksum = _checksum(candidates)
+        return self._order_checksum
 
     def _streamed(self) -> Iterator[Any]:
         """Iterate the source; ids only from the batch (``index_key``)."""
@@ -546,7 +551,7 @@ def _checksum(batches: list[Tensor]) -> int:
     """A fingerprint of an epoch's order of id batches (O(N), taken only at checkpoints)."""
     if not batches:
         return 0
-    ids = torch.cat(batches).long()
+    ids = concat_ids(batches)
     position = (torch.arange(ids.numel(), dtype=torch.long) * 2_654_435_761) % 2_147_483_647 + 1
     sizes = torch.tensor([b.numel() for b in batches], dtype=torch.long)
     return int((ids * position).sum()) ^ int((sizes * torch.arange(1, sizes.numel() + 1)).sum()) ^ ids.numel()

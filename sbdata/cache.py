@@ -14,12 +14,13 @@ never the size of the largest id.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["IdTable", "LossCache", "as_ids", "grown", "narrowest"]
+__all__ = ["IdTable", "LossCache", "Update", "as_ids", "concat_ids", "grown", "narrowest", "stack_updates"]
 
 _NEVER = -1  # epoch stored for ids that were never measured
 _DENSE_MIN = 1 << 16  # ids below this are always stored densely
@@ -43,6 +44,24 @@ def narrowest(values: Tensor) -> Tensor:
         if top <= torch.iinfo(dtype).max:
             return values.to(dtype)
     return values.long()
+
+
+def concat_ids(batches: Sequence[Tensor]) -> Tensor:
+    """Id batches as one flat ``int64`` tensor (empty when there are none)."""
+    return torch.cat(list(batches)).long() if len(batches) else torch.empty(0, dtype=torch.long)
+
+
+#: a cache update waiting to be shared: ``(ids, losses, epoch)``
+Update = tuple[Tensor, Tensor, int]
+
+
+def stack_updates(pending: Sequence[Update]) -> tuple[Tensor, Tensor, Tensor]:
+    """Queued updates as three flat tensors: ``int64`` ids, ``float32`` losses, ``int32``
+    epochs (one per id), the form in which they travel between ranks."""
+    ids = concat_ids([p[0] for p in pending])
+    losses = torch.cat([p[1].float() for p in pending]) if pending else torch.empty(0)
+    epochs = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
+    return ids, losses, torch.cat(epochs) if epochs else torch.empty(0, dtype=torch.int32)
 
 
 def as_ids(ids: Any, argument: str = "index_key") -> Tensor:
@@ -186,6 +205,12 @@ class LossCache:
         self._table.cols["loss"][slots] = losses.detach().float().cpu().flatten()
         self._table.cols["epoch"][slots] = epoch
 
+    def update_each(self, ids: Tensor, losses: Tensor, epochs: Tensor) -> None:
+        """:meth:`update` with an epoch per id (``epochs``), applied epoch by epoch, oldest first."""
+        for epoch in torch.unique(epochs).tolist():
+            at = epochs == epoch
+            self.update(ids[at], losses[at], int(epoch))
+
     def _count(self, previous: Tensor, epoch: int) -> None:
         """Move the examples whose epochs were ``previous`` to ``epoch`` in the per-epoch counts
         (work in proportion to the batch: NOTE [ Recency is a counter ])."""
@@ -215,6 +240,10 @@ class LossCache:
     def measured_epoch(self, ids: Tensor) -> Tensor:
         """The epoch each id's loss was measured in (-1: never)."""
         return self._table.get("epoch", as_ids(ids))
+
+    def counts_by_epoch(self) -> dict[int, int]:
+        """Epoch -> how many examples' latest loss was measured in it."""
+        return dict(self._per_epoch)
 
     def known_count(self) -> int:
         """Examples with a cached loss, in O(epochs)."""

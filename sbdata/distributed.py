@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .cache import LossCache
+from .cache import LossCache, Update, stack_updates
 
 __all__ = [
     "all_gather_variable",
@@ -208,17 +208,11 @@ def share_policy_state(policy: Any) -> None:
     policy.load_state_dict(boxed[0])
 
 
-def share_cache_updates(cache: LossCache, pending: list[tuple[Tensor, Tensor, int]]) -> None:
+def share_cache_updates(cache: LossCache, pending: list[Update]) -> None:
     """All-gather every rank's ``(ids, losses, epoch)`` cache updates and apply them all, in
     rank order, so every rank ends with the same cache. Ids travel as ``int64``, losses as
     ``float32`` and epochs as ``int32``, in three tensors."""
-    ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
-    losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
-    epochs = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
-    all_ids = all_gather_variable(ids.long())
-    all_losses = all_gather_variable(losses.float())
-    all_epochs = all_gather_variable(torch.cat(epochs) if epochs else torch.empty(0, dtype=torch.int32))
-    for r_ids, r_losses, r_epochs in zip(all_ids, all_losses, all_epochs):
-        for epoch in torch.unique(r_epochs).tolist():
-            mask = r_epochs == epoch
-            cache.update(r_ids[mask], r_losses[mask], int(epoch))
+    ids, losses, epochs = stack_updates(pending)
+    gathered = zip(all_gather_variable(ids), all_gather_variable(losses), all_gather_variable(epochs))
+    for r_ids, r_losses, r_epochs in gathered:
+        cache.update_each(r_ids, r_losses, r_epochs)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import distributed as dist_utils
 from ._epoch import FRESH, PLAIN, STALE, Carried, EpochIterator, EpochRun, carried_meta, carried_rows
 from .batches import Key
-from .cache import LossCache
+from .cache import LossCache, Update, concat_ids
 from .config import OPTION_NAMES, STATE_VERSION, LoaderConfig, ScoreFn, Stale, check_keeps_rows, check_state, resolve
 from .handouts import Handout, HandoutQueue
 from .policies import SelectionPolicy, make_policy
@@ -188,7 +188,7 @@ class SelectiveBatchLoader:
         self._live_ref: weakref.ref[EpochIterator] | None = None
         self._resume: dict[str, Any] | None = None  # a mid-epoch position to continue from
         self._carried: Carried = None  # rows carried into the next epoch
-        self._pending: list[tuple[Tensor, Tensor, int]] = []  # cache updates not yet sent to other ranks
+        self._pending: list[Update] = []  # cache updates not yet sent to other ranks
         self._warned_replay = False  # the replay warning is given once
         self._last_finished = -1  # the last epoch that ended on every rank (distributed only)
 
@@ -277,8 +277,7 @@ class SelectiveBatchLoader:
         if candidates is None or every_one:
             oldest = self.cache.oldest_epoch() if every_one else -1
         else:
-            flat = torch.cat(candidates) if isinstance(candidates, list) and candidates else candidates
-            flat = flat if isinstance(flat, Tensor) else torch.empty(0, dtype=torch.long)
+            flat = candidates if isinstance(candidates, Tensor) else concat_ids(candidates)
             if isinstance(self.cache, ShardedLossCache):  # collective: the owners answer
                 measured = self.cache.fetch(flat).epochs
             else:

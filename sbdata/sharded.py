@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from . import distributed as dist_utils
-from .cache import LossCache, as_ids
+from .cache import LossCache, Update, as_ids, stack_updates
 
-__all__ = ["Fetched", "ShardedLossCache", "check_own_shard", "shard_range"]
+__all__ = ["Fetched", "ShardedLossCache", "check_own_shard", "shard_range", "shard_size"]
 
 
 def check_own_shard(shard: dict[str, Any]) -> None:
@@ -48,11 +48,15 @@ def check_own_shard(shard: dict[str, Any]) -> None:
     )
 
 
+def shard_size(num_examples: int, world: int) -> int:
+    """Ids per rank: ``ceil(num_examples / world)`` (``torch.chunk``'s split, as ``Shard(0)``)."""
+    return -(-num_examples // world)
+
+
 def shard_range(num_examples: int, world: int, rank: int) -> tuple[int, int]:
-    """The ids ``[start, stop)`` rank ``rank`` owns (``torch.chunk``'s split, as ``Shard(0)``)."""
-    chunk = -(-num_examples // world) if num_examples else 0
-    start = min(rank * chunk, num_examples)
-    return start, min(start + chunk, num_examples)
+    """The ids ``[start, stop)`` rank ``rank`` owns."""
+    start = min(rank * shard_size(num_examples, world), num_examples)
+    return start, min(start + shard_size(num_examples, world), num_examples)
 
 
 class Fetched:
@@ -73,14 +77,12 @@ class Fetched:
 class ShardedLossCache:
     """This rank's shard of the loss cache (NOTE [ Sharded loss cache ])."""
 
-    sharded = True
-
     def __init__(self, num_examples: int) -> None:
         self.num_examples = num_examples
         self.world, self.rank = dist_utils.world_size(), dist_utils.rank()
         self.start, self.stop = shard_range(num_examples, self.world, self.rank)
         self.local = LossCache(self.stop - self.start)
-        self._pending: list[tuple[Tensor, Tensor, int]] = []
+        self._pending: list[Update] = []
         self._global: dict[int, int] = {}  # epoch -> measured examples over every shard
         self.fetched: Fetched | None = None
 
@@ -115,7 +117,7 @@ class ShardedLossCache:
         if not dist_utils.is_distributed():
             self._check_ids(ids)
             self.local.update(ids - self.start, losses, epoch)
-            self._global = dict(self.local._per_epoch)
+            self._global = self.local.counts_by_epoch()
             return
         self._pending.append((ids, losses, epoch))
 
@@ -123,19 +125,14 @@ class ShardedLossCache:
         """Collective: every queued update goes to the rank that owns its id, then the
         per-epoch counts are all-gathered."""
         pending, self._pending = self._pending, []
-        ids = torch.cat([p[0] for p in pending]) if pending else torch.empty(0, dtype=torch.long)
-        losses = torch.cat([p[1] for p in pending]) if pending else torch.empty(0)
-        parts = [torch.full((p[0].numel(),), p[2], dtype=torch.int32) for p in pending]
-        epochs = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+        ids, losses, epochs = stack_updates(pending)
         self._check_ids(ids)
         (got_ids, got_losses, got_epochs), _ = dist_utils.exchange(self._owner(ids), [ids, losses, epochs])
-        for epoch in torch.unique(got_epochs).tolist():
-            mask = got_epochs == epoch
-            self.local.update(got_ids[mask] - self.start, got_losses[mask], int(epoch))
+        self.local.update_each(got_ids - self.start, got_losses, got_epochs)
         self._count_globally()
 
     def _count_globally(self) -> None:
-        local = self.local._per_epoch
+        local = self.local.counts_by_epoch()
         epochs = torch.tensor(sorted(local), dtype=torch.long)
         counts = torch.tensor([local[int(e)] for e in epochs], dtype=torch.long)
         merged: dict[int, int] = {}
@@ -145,8 +142,7 @@ class ShardedLossCache:
         self._global = merged
 
     def _owner(self, ids: Tensor) -> Tensor:
-        chunk = -(-self.num_examples // self.world)
-        return torch.div(ids, max(chunk, 1), rounding_mode="floor")
+        return torch.div(ids, max(shard_size(self.num_examples, self.world), 1), rounding_mode="floor")
 
     def _check_ids(self, ids: Tensor) -> None:
         if ids.numel() and int(ids.max()) >= self.num_examples:
@@ -200,8 +196,6 @@ class ShardedLossCache:
         """Replace this shard with dense ``(losses, epochs)`` over ``[start, stop)`` (collective)."""
         self.local = LossCache(self.stop - self.start)
         measured = torch.nonzero(epochs >= 0).flatten()
-        for epoch in torch.unique(epochs[measured]).tolist():
-            at = measured[epochs[measured] == epoch]
-            self.local.update(at, losses[at], int(epoch))
+        self.local.update_each(measured, losses[measured], epochs[measured])
         self._count_globally()
 
